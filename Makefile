@@ -1,0 +1,26 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`. Both build .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 is the CPU wheel lying on this machine's disk; elsewhere pip takes the CUDA build that fits.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv test demo clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]" "$(TORCH)"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q -x --durations=15 tests
+
+demo: venv
+	$(PY) -m workflows.pipeline --config workflows/configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,141 @@
+"""Sentence embeddings: task prefixes, mean pooling over real tokens, the v1 / v1.5 / binary recipes.
+
+Texts are tokenized without padding, sorted by length and packed into token-budget batches, so no
+compute is spent on padding and an embedding never depends on which texts share its batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nomicbert.attention import Segments
+from nomicbert.config import NomicBertConfig
+from nomicbert.model import NomicBertModel
+
+TASK_PREFIXES = {
+    "search_query": "search_query: ",
+    "search_document": "search_document: ",
+    "classification": "classification: ",
+    "clustering": "clustering: ",
+}
+MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)
+MIN_DIM = 64
+
+
+def add_prefix(texts: Sequence[str], task: str | None) -> list[str]:
+    """``"search_query"`` -> ``"search_query: <text>"``; None leaves texts as they are."""
+    if task is None:
+        return list(texts)
+    if task not in TASK_PREFIXES:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASK_PREFIXES)} or none")
+    return [TASK_PREFIXES[task] + t for t in texts]
+
+
+def mean_pool_packed(hidden: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """[T, H] packed hidden states -> [n, H] means over each sequence's tokens (fp32)."""
+    sums = hidden.new_zeros(segments.num_sequences, hidden.shape[-1], dtype=torch.float32)
+    sums.index_add_(0, segments.seq_index, hidden.float())
+    return sums / segments.lengths[:, None].float()
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S, H] padded hidden states -> [B, H] masked means (denominator clamped as in sentence-transformers)."""
+    mask = attention_mask[..., None].to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def check_dim(dim: int | None, hidden_size: int) -> None:
+    if dim is not None and not (min(MIN_DIM, hidden_size) <= dim <= hidden_size):
+        raise ValueError(f"embedding dim {dim} is outside {min(MIN_DIM, hidden_size)}..{hidden_size}")
+
+
+def finalize(pooled: torch.Tensor, recipe: str = "v1", dim: int | None = None, binary: bool = False,
+             normalize: bool = True) -> torch.Tensor:  # fmt: skip
+    """Pooled [n, H] -> embeddings. v1: L2. v1.5 (or any ``dim``/``binary``): weightless LayerNorm (eps 1e-5),
+    binary threshold if asked, first ``dim`` features, then L2 (spec §1.3)."""
+    check_dim(dim, pooled.shape[-1])
+    x = pooled.float()
+    if recipe == "v1.5" or dim is not None or binary:
+        x = F.layer_norm(x, (x.shape[-1],), eps=1e-5)
+        if binary:
+            x = (x > 0).float()
+        x = x[:, :dim] if dim is not None else x
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+class Embedder:
+    """Encode texts with a NomicBert encoder.
+
+    Example::
+
+        embedder = Embedder.from_pretrained("nomic-ai/nomic-embed-text-v1.5")
+        vectors = embedder.encode(["what is rotary?"], task="search_query", dim=256)  # (1, 256) float32
+    """
+
+    def __init__(self, model: NomicBertModel, tokenizer, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, max_length: int = 512, batch_tokens: int = 32768,
+                 batch_size: int = 256):  # fmt: skip
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_tokens = batch_tokens
+        self.batch_size = batch_size
+
+    @property
+    def config(self) -> NomicBertConfig:
+        return self.model.config
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, rotary_scaling_factor: float | None = None,
+                        **kwargs) -> Embedder:  # fmt: skip
+        from nomicbert.checkpoint import load_model
+        from nomicbert.tokenizer import load_tokenizer
+
+        overrides = {"rotary_scaling_factor": rotary_scaling_factor} if rotary_scaling_factor else {}
+        model = load_model(source, kind="encoder", **overrides)
+        tokenizer = load_tokenizer(source if os.path.isdir(source) else None)
+        return cls(model, tokenizer, **kwargs)
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if len(texts) and not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be strings")
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
+                                 add_special_tokens=True, return_attention_mask=False)  # fmt: skip
+        return encoded["input_ids"]
+
+    @torch.inference_mode()
+    def pool(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Mean-pooled hidden states [n, H] (fp32, on the CPU) in input order, batched by a token budget."""
+        n = len(token_ids)
+        out = torch.empty(n, self.config.hidden_size, dtype=torch.float32)
+        order = sorted(range(n), key=lambda i: -len(token_ids[i]))
+        start = 0
+        while start < n:
+            longest = max(len(token_ids[order[start]]), 1)
+            count = max(1, min(self.batch_size, self.batch_tokens // longest, n - start))
+            batch = order[start : start + count]
+            lengths = [len(token_ids[i]) for i in batch]
+            ids = torch.tensor([t for i in batch for t in token_ids[i]], dtype=torch.long, device=self.device)
+            segments = Segments.from_lengths(lengths, device=self.device)
+            hidden = self.model.forward_packed(ids, segments)
+            out[batch] = mean_pool_packed(hidden, segments).cpu()
+            start += count
+        return out
+
+    def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None, binary: bool = False,
+               normalize: bool = True) -> np.ndarray:  # fmt: skip
+        """float32 [len(texts), dim or hidden] in input order."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts, not one string")
+        if len(texts) == 0:
+            return np.zeros((0, dim or self.config.hidden_size), dtype=np.float32)
+        token_ids = self.tokenize(add_prefix(texts, task))
+        pooled = self.pool(token_ids)
+        return finalize(pooled, self.config.embedding_recipe, dim, binary, normalize).numpy()
