@@ -308,9 +308,8 @@ def export_sentence_transformers(model: NomicBertModel, folder: str | os.PathLik
     if model.config.embedding_recipe == "v1.5":
         from sentence_transformers.models import LayerNorm
 
-        norm = LayerNorm(hidden)
-        norm.norm = nn.LayerNorm(hidden, eps=1e-5)  # weight 1, bias 0: the weightless LayerNorm of v1.5
-        norm.save(str(folder / "2_LayerNorm"))
+        (folder / "2_LayerNorm").mkdir(exist_ok=True)
+        LayerNorm(hidden).save(str(folder / "2_LayerNorm"))  # eps 1e-5, weight 1, bias 0: v1.5's weightless LN
         modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"})
     modules.append({"idx": len(modules), "name": str(len(modules)), "path": "",
                     "type": "sentence_transformers.models.Normalize"})  # fmt: skip

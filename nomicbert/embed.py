@@ -95,12 +95,13 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, rotary_scaling_factor: float | None = None,
                         **kwargs) -> Embedder:  # fmt: skip
-        from nomicbert.checkpoint import load_model
-        from nomicbert.tokenizer import load_tokenizer
+        from nomicbert.checkpoint import load_model, resolve
+        from nomicbert.tokenizer import has_tokenizer_files, load_tokenizer
 
+        folder = resolve(source)
         overrides = {"rotary_scaling_factor": rotary_scaling_factor} if rotary_scaling_factor else {}
-        model = load_model(source, kind="encoder", **overrides)
-        tokenizer = load_tokenizer(source if os.path.isdir(source) else None)
+        model = load_model(folder, kind="encoder", **overrides)
+        tokenizer = load_tokenizer(folder if has_tokenizer_files(folder) else None)
         return cls(model, tokenizer, **kwargs)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -32,6 +32,13 @@ def offline_vocab() -> Path | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(source: str | os.PathLike | None = None, max_length: int = 8192) -> PreTrainedTokenizerBase:
     """A fast lowercase WordPiece tokenizer with ``model_max_length`` set (up to 8192 for long context)."""
     path = Path(source) if source is not None else offline_vocab()
@@ -39,7 +46,7 @@ def load_tokenizer(source: str | os.PathLike | None = None, max_length: int = 81
         # transformers 5: the keyword is ``vocab``; the old ``vocab_file`` is ignored and gives wrong ids
         tokenizer = BertTokenizer(vocab=str(path), do_lower_case=True)
     elif path is not None and path.is_dir():
-        if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        if not has_tokenizer_files(path):
             raise FileNotFoundError(f"no tokenizer files (tokenizer.json or vocab.txt) in {path}")
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     elif source is not None and not str(source).startswith((".", "/")) and str(source).count("/") <= 1:
