@@ -5,10 +5,12 @@ Tokens of all sequences are concatenated into one ``[T, heads, head_dim]`` tenso
 token attend outside its own segment, and all of them compute the same function:
 
 - ``flash``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16); no compute on padding.
+- ``varlen``: PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; torch >= 2.10), the
+  same unpadded flash kernel without the extra package.
 - ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (cuDNN / flash / memory-efficient kernels on GPU,
   the fused CPU kernel on CPU) on segments re-padded to the longest one, with a key mask.
 - ``eager``: the textbook softmax(QK^T/sqrt(d))V in fp32, the reference the others are tested against.
-- ``auto``: ``flash`` where it runs, else ``sdpa``.
+- ``auto``: ``flash`` where it runs, else ``varlen`` where it runs, else ``sdpa``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Backend = Literal["auto", "flash", "sdpa", "eager"]
-BACKENDS = ("auto", "flash", "sdpa", "eager")
+Backend = Literal["auto", "flash", "varlen", "sdpa", "eager"]
+BACKENDS = ("auto", "flash", "varlen", "sdpa", "eager")
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch version
+    varlen_attn = None
 
 
 @dataclass
@@ -73,20 +79,33 @@ class Segments:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
 
+def _half_on_cuda(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def flash_available(q: torch.Tensor) -> bool:
-    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return flash_attn_varlen_func is not None and _half_on_cuda(q)
+
+
+def torch_varlen_available(q: torch.Tensor) -> bool:
+    return varlen_attn is not None and _half_on_cuda(q)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
                      backend: Backend = "auto") -> torch.Tensor:  # fmt: skip
     """Bidirectional attention within each segment. q, k, v: [T, heads, head_dim] -> [T, heads, head_dim]."""
     if backend == "auto":
-        backend = "flash" if flash_available(q) else "sdpa"
+        backend = "flash" if flash_available(q) else "varlen" if torch_varlen_available(q) else "sdpa"
     if backend == "flash":
         if not flash_available(q):
             raise RuntimeError("attention backend 'flash' needs flash-attn installed, a CUDA device and fp16/bf16")
         s = segments
         return flash_attn_varlen_func(q, k, v, s.cu_seqlens, s.cu_seqlens, s.max_seqlen, s.max_seqlen, causal=False)
+    if backend == "varlen":
+        if not torch_varlen_available(q):
+            raise RuntimeError("attention backend 'varlen' needs torch >= 2.10, a CUDA device and fp16/bf16")
+        s = segments
+        return varlen_attn(q, k, v, s.cu_seqlens, s.cu_seqlens, s.max_seqlen, s.max_seqlen)
     if backend == "sdpa":
         return _padded_attention(q, k, v, segments, _sdpa)
     if backend == "eager":

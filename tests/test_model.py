@@ -288,3 +288,35 @@ def test_tiny_masked_lm_learns_on_real_text(shared_data):
         optimizer.step()
         losses.append(out.loss.item())
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+
+
+def test_unavailable_backends_fail_clearly_on_cpu():
+    model = NomicBertModel(tiny()).eval()
+    ids, segments = torch.randint(1000, 30000, (10,)), Segments.from_lengths([10])
+    for backend, needs in (("flash", "flash-attn"), ("varlen", "CUDA")):
+        model.attn_backend = backend
+        with pytest.raises(RuntimeError, match=needs):
+            model.forward_packed(ids, segments)
+    model.attn_backend = "cudnn-magic"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        model.forward_packed(ids, segments)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only kernels")
+@pytest.mark.parametrize("backend", ["varlen", "flash", "sdpa"])
+def test_gpu_kernels_match_the_fp32_reference(backend):
+    from nomicbert.attention import flash_available, torch_varlen_available
+
+    probe = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    if (backend == "flash" and not flash_available(probe)) or (backend == "varlen" and not torch_varlen_available(probe)):
+        pytest.skip(f"{backend} not installed")
+    torch.manual_seed(10)
+    model = sharpen(NomicBertModel(NomicBertConfig(num_hidden_layers=2))).cuda().eval()
+    ids, segments = torch.randint(1000, 30000, (900,), device="cuda"), Segments.from_lengths([500, 300, 100], "cuda")
+    with torch.no_grad():
+        model.attn_backend = "eager"
+        exact = model.forward_packed(ids, segments)
+        reference_bf16 = model.to(torch.bfloat16).forward_packed(ids, segments).float()
+        model.attn_backend = backend
+        fast = model.forward_packed(ids, segments).float()
+    assert (fast - exact).abs().max() <= 3 * (reference_bf16 - exact).abs().max()
