@@ -1,0 +1,211 @@
+"""`EvalConfig` and `run`: score one model on every requested suite and log each number to MLflow.
+
+Metric names (all scores in 0..1):
+  ``mteb/<Task>/<metric>`` (+ ``mteb/<Task>/main_score``, ``mteb_avg``), ``beir/<name>/{ndcg_at_10,recall_at_100,
+  mrr_at_10}``, ``sts/<name>/{spearman,pearson}``, ``glue/<task>/<metric>`` + ``glue/avg``,
+  ``loco/<name>/<metric>/<length>``, ``jina/<Task>/main_score/<length>``, and per Matryoshka dim or binary
+  ``mrl/<dim|binary>/<headline name>`` with ``mrl/<dim|binary>/mteb_avg`` and ``mrl/<dim|binary>/avg``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evaluation.glue import GlueConfig
+
+log = logging.getLogger(__name__)
+
+Variant = tuple[int | None, bool]  # (Matryoshka dim or None = full, binary)
+
+
+@dataclass
+class EvalConfig:
+    """What to score and where to log it; every list may be empty."""
+
+    model: str  # our checkpoint folder, a Nomic Hub id, or a sentence-transformers name / folder
+    mteb: list[str] = field(default_factory=list)  # MTEB task/benchmark names, or [NAME=]PATH of local tasks
+    beir: list[str] = field(default_factory=list)  # BEIR folders ([NAME=]PATH)
+    sts: list[str] = field(default_factory=list)  # STS pair files ([NAME=]PATH)
+    glue: GlueConfig = field(default_factory=GlueConfig)
+    loco: list[str] = field(default_factory=list)  # QMSum jsonl / long-document BEIR folders
+    loco_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
+    jina: bool = False  # the four Jina long-context MTEB tasks at 128/512/8191 (needs the Hub)
+    rotary_scaling_factor: float = 2.0  # dynamic NTK alpha for the long-context suites
+    dims: list[str] = field(default_factory=list)  # Matryoshka dims and/or "binary", e.g. ["256", "64", "binary"]
+    max_length: int | None = None  # None: 512 for Nomic models, the model's own limit otherwise
+    limit: int | None = None  # first N judged queries / pairs / meetings of each local task (smoke runs)
+    experiment: str = "evaluation"
+    run_name: str | None = None
+    run_id: str | None = None  # log into this existing run instead of a new one
+    output: str | None = None  # also write {"metrics", "params"} here as JSON
+    ray_min_docs: int | None = 200_000  # corpora at least this large are encoded with Ray Data
+    ray_workers: int = 2
+    ray_gpus_per_worker: float = 0.0
+    device: str | None = None
+    log_to_mlflow: bool = True
+
+
+def parse_dims(dims: list[str], hidden_size: int) -> list[Variant]:
+    """``["768", "256", "binary"]`` -> extra variants; the model's own full dim is the baseline, not a variant."""
+    variants: list[Variant] = []
+    for token in dims:
+        token = str(token).strip().lower()
+        if token == "binary":
+            variants.append((None, True))
+            continue
+        if not token.isdigit() or int(token) <= 0:
+            raise ValueError(f"--dims: {token!r} is neither a positive integer nor 'binary'")
+        dim = int(token)
+        if dim > hidden_size:
+            log.warning("skipping dim %d: the model embeds in %d dims", dim, hidden_size)
+        elif dim < hidden_size:
+            variants.append((dim, False))
+    return list(dict.fromkeys(variants))
+
+
+def variant_prefix(variant: Variant) -> str:
+    dim, binary = variant
+    return "" if variant == (None, False) else f"mrl/{'binary' if binary else dim}/"
+
+
+def _named(spec: str) -> tuple[str | None, Path]:
+    """``NAME=PATH`` or ``PATH``."""
+    name, sep, path = spec.rpartition("=")
+    return (name or None, Path(path)) if sep else (None, Path(spec))
+
+
+def data_revision(path: Path) -> str:
+    """Content hash of a local data file or folder (the data set's revision param)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path.parent)).encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[str, float], int]:
+    """MTEB, BEIR and STS: all local data read and checked first, then one model load, each text encoded once."""
+    from evaluation.data import load_beir, load_pairs
+    from evaluation.encoders import ModelSpec, load_encoder
+    from evaluation.retrieval import evaluate_retrieval, evaluate_sts
+
+    corpus_limit = config.limit * 20 if config.limit else None
+    beir = []
+    for item in config.beir:
+        name, path = _named(item)
+        beir.append(load_beir(path, name=name, limit_queries=config.limit, limit_corpus=corpus_limit))
+        params[f"data/beir/{beir[-1].name}"] = f"{path} @ {data_revision(path)}"
+    sts = []
+    for item in config.sts:
+        name, path = _named(item)
+        sts.append(load_pairs(path, name=name, limit=config.limit))
+        params[f"data/sts/{sts[-1].name}"] = f"{path} @ {data_revision(path)}"
+    tasks = []
+    if config.mteb:
+        import mteb
+
+        from evaluation.mteb_suite import evaluate_mteb, resolve_tasks
+
+        tasks = resolve_tasks(config.mteb, limit=config.limit)
+        params["mteb_version"] = mteb.__version__
+        for task in tasks:
+            dataset = task.metadata.dataset
+            params[f"data/mteb/{task.metadata.name}"] = f"{dataset['path']} @ {dataset['revision']}"
+
+    spec = ModelSpec(config.model, max_length=config.max_length, device=config.device)
+    encoder = load_encoder(spec)
+    variants = [(None, False)] + parse_dims(config.dims, encoder.hidden_size)
+    params.update({"model_revision": encoder.revision, "model_kind": "nomic" if encoder.is_nomic else "sentence-transformers",
+                   "max_length": encoder.max_length, "embedding_dim": encoder.hidden_size})  # fmt: skip
+    metrics: dict[str, float] = {}
+    headline: dict[Variant, list[float]] = {v: [] for v in variants}
+    for data in beir:
+        if config.ray_min_docs is not None and len(data.corpus) >= config.ray_min_docs:
+            import ray
+
+            if not ray.is_initialized():
+                ray.init()
+        scores = evaluate_retrieval(encoder, data, variants, spec=spec, ray_min_docs=config.ray_min_docs,
+                                    ray_workers=config.ray_workers, ray_gpus=config.ray_gpus_per_worker)  # fmt: skip
+        for variant, values in scores.items():
+            for metric, value in values.items():
+                metrics[f"{variant_prefix(variant)}beir/{data.name}/{metric}"] = value
+            headline[variant].append(values["ndcg_at_10"])
+    for data in sts:
+        for variant, values in evaluate_sts(encoder, data, variants).items():
+            for metric, value in values.items():
+                metrics[f"{variant_prefix(variant)}sts/{data.name}/{metric}"] = value
+            headline[variant].append(values["spearman"])
+    if tasks:
+        for variant, per_task in evaluate_mteb(encoder, tasks, variants).items():
+            prefix = variant_prefix(variant)
+            for task_name, values in per_task.items():
+                chosen = values if variant == (None, False) else {"main_score": values["main_score"]}
+                for metric, value in chosen.items():
+                    metrics[f"{prefix}mteb/{task_name}/{metric}"] = value
+            if per_task:
+                metrics[f"{prefix}mteb_avg"] = statistics.mean(v["main_score"] for v in per_task.values())
+                headline[variant].extend(v["main_score"] for v in per_task.values())
+    for variant, values in headline.items():
+        if values:
+            metrics[f"{variant_prefix(variant)}avg"] = statistics.mean(values)
+    return metrics, encoder.hidden_size
+
+
+def run(config: EvalConfig) -> dict[str, float]:
+    """Score ``config.model`` on every suite in ``config``; log to MLflow; return {metric name: value}.
+
+    Logs into the active MLflow run if there is one (e.g. a pipeline's child run), else into ``config.run_id``,
+    else into a new run of ``config.experiment``. Raises `evaluation.data.DataError` for malformed local data
+    before any model is loaded for that suite.
+    """
+    started = time.monotonic()
+    parse_dims(config.dims, hidden_size=1 << 30)  # a typo in --dims fails before any model is loaded
+    params: dict[str, Any] = {"model": config.model, "dims": ",".join(config.dims) or "full",
+                              "limit": config.limit, "loco_lengths": ",".join(map(str, config.loco_lengths)),
+                              "rotary_scaling_factor": config.rotary_scaling_factor}  # fmt: skip
+    metrics: dict[str, float] = {}
+    full_dim = 0
+    if config.mteb or config.beir or config.sts:
+        found, full_dim = _embedding_suites(config, params)
+        metrics.update(found)
+    if config.glue.tasks:
+        from evaluation.glue import evaluate_glue
+
+        found, chosen = evaluate_glue(config.model, config.glue)
+        metrics.update(found)
+        params.update(chosen)
+        params.update({f"glue_recipe/{k}": v for k, v in asdict(config.glue).items() if k != "tasks"})
+    if config.loco:
+        from evaluation.loco import evaluate_loco, load_long_task
+
+        tasks = [load_long_task(path, config.limit) for path in config.loco]
+        for path, task in zip(config.loco, tasks, strict=True):
+            params[f"data/loco/{task.name}"] = f"{path} @ {data_revision(Path(path))}"
+        metrics.update(evaluate_loco(config.model, tasks, config.loco_lengths, config.rotary_scaling_factor,
+                                     config.device))  # fmt: skip
+    if config.jina:
+        from evaluation.loco import evaluate_jina
+
+        metrics.update(evaluate_jina(config.model, rotary_scaling_factor=config.rotary_scaling_factor,
+                                     device=config.device))  # fmt: skip
+    params["wall_seconds"] = round(time.monotonic() - started, 1)
+    if config.output:
+        Path(config.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.output).write_text(json.dumps({"metrics": metrics, "params": params}, indent=2, default=str))
+    if config.log_to_mlflow:
+        from evaluation.report import log_results, mlflow_run
+
+        with mlflow_run(config.experiment, config.run_name or Path(config.model).name, config.run_id):
+            log_results(metrics, params, full_dim)
+    return metrics

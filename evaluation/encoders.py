@@ -1,0 +1,186 @@
+"""One encoder interface over our checkpoints (NomicBert) and sentence-transformers baselines.
+
+Every suite encodes through `TextEncoder`: ``raw`` embeddings are computed once per (task prefix, text) and
+cached, and each Matryoshka dim / binary variant is derived from them by `finalize`, so the dims sweep costs
+one encoding pass, not six.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+NOMIC_TASKS = ("search_query", "search_document", "classification", "clustering")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild an encoder in another process (Ray Data workers)."""
+
+    source: str
+    max_length: int | None = None
+    rotary_scaling_factor: float | None = None
+    device: str | None = None
+
+
+def is_nomic_checkpoint(source: str | os.PathLike) -> bool:
+    """Our checkpoints and the published Nomic ones carry ``model_type: nomic_bert`` in config.json."""
+    path = Path(source)
+    if path.is_dir():
+        config = path / "config.json"
+        return config.is_file() and json.loads(config.read_text()).get("model_type") == "nomic_bert"
+    return str(source).startswith("nomic-ai/")
+
+
+def model_revision(source: str | os.PathLike) -> str:
+    """A content fingerprint of a local folder (config + weights), or the Hub snapshot hash of a cached id."""
+    path = Path(source)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception:  # not in the local cache: the revision is whatever the Hub serves
+            return "hub:main"
+        return path.name
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+class TextEncoder:
+    """Base class: ``raw(texts, task)`` -> cached float32 [n, H]; ``encode`` adds dim / binary / L2."""
+
+    name: str
+    revision: str
+    max_length: int
+    hidden_size: int
+    is_nomic: bool = False
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str | None, str], np.ndarray] = {}
+
+    def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _finalize(self, raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def raw(self, texts: Sequence[str], task: str | None = None) -> np.ndarray:
+        """Un-finalised embeddings in input order; texts seen before with the same task are not re-encoded."""
+        if task is not None and task not in NOMIC_TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {NOMIC_TASKS} or None")
+        missing = list(dict.fromkeys(t for t in texts if (task, t) not in self._cache))
+        if missing:
+            for text, row in zip(missing, self._raw(missing, task), strict=True):
+                self._cache[(task, text)] = row
+        if not texts:
+            return np.zeros((0, self.hidden_size), dtype=np.float32)
+        return np.stack([self._cache[(task, t)] for t in texts])
+
+    def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None,
+               binary: bool = False) -> np.ndarray:  # fmt: skip
+        """L2-normalised float32 [n, dim or H] (cosine = dot product)."""
+        if dim is not None and dim > self.hidden_size:
+            raise ValueError(f"dim {dim} exceeds the embedding size {self.hidden_size} of {self.name}")
+        return self._finalize(self.raw(texts, task), dim, binary)
+
+    def finalize(self, raw: np.ndarray, dim: int | None = None, binary: bool = False) -> np.ndarray:
+        return self._finalize(raw, dim, binary)
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+
+class NomicEncoder(TextEncoder):
+    """A NomicBert checkpoint through `nomicbert.embed.Embedder`: task prefixes, the v1 / v1.5 recipes."""
+
+    is_nomic = True
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        from nomicbert.embed import Embedder
+
+        self.embedder = Embedder.from_pretrained(spec.source, rotary_scaling_factor=spec.rotary_scaling_factor,
+                                                 device=spec.device)  # fmt: skip
+        self.embedder.max_length = spec.max_length or 512  # the MTEB setting of the Nomic papers (spec §8)
+        self.name, self.revision = str(spec.source), model_revision(spec.source)
+        self.max_length = self.embedder.max_length
+        self.hidden_size = self.embedder.config.hidden_size
+
+    def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
+        from nomicbert.embed import add_prefix
+
+        return self.embedder.pool(self.embedder.tokenize(add_prefix(texts, task))).numpy()
+
+    def _finalize(self, raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:
+        from nomicbert.embed import finalize
+
+        return finalize(torch.from_numpy(raw), self.embedder.config.embedding_recipe, dim, binary).numpy()
+
+    def set_max_length(self, max_length: int) -> None:
+        self.embedder.max_length = self.max_length = max_length
+        self.clear_cache()
+
+
+class SentenceTransformerEncoder(TextEncoder):
+    """A sentence-transformers model (name or folder); a task prompt is used only if the model defines it."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        from sentence_transformers import SentenceTransformer
+
+        device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = SentenceTransformer(str(spec.source), device=device)
+        if device.startswith("cuda"):
+            self.model.to(torch.bfloat16)
+        if spec.max_length:
+            self.model.max_seq_length = spec.max_length
+        self.name, self.revision = str(spec.source), model_revision(spec.source)
+        self.max_length = int(self.model.max_seq_length)
+        self.hidden_size = int(self.model.get_embedding_dimension())
+
+    def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
+        prompt = task if task is not None and task in (self.model.prompts or {}) else None
+        out = self.model.encode(list(texts), prompt_name=prompt, batch_size=32, convert_to_numpy=True,
+                                normalize_embeddings=False, show_progress_bar=False)  # fmt: skip
+        return np.asarray(out, dtype=np.float32)
+
+    def _finalize(self, raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:
+        x = torch.from_numpy(raw[:, :dim] if dim is not None else raw)
+        if binary:
+            x = (x > 0).float()
+        return F.normalize(x.float(), dim=-1).numpy()
+
+    def set_max_length(self, max_length: int) -> None:
+        limit = int(self.model[0].auto_model.config.max_position_embeddings)
+        if max_length > limit:
+            log.warning("%s has %d positions; encoding at %d tokens instead of %d", self.name, limit, limit,
+                        max_length)  # fmt: skip
+        self.model.max_seq_length = self.max_length = min(max_length, limit)
+        self.clear_cache()
+
+
+def load_encoder(spec: ModelSpec | str) -> TextEncoder:
+    """Our / Nomic checkpoints -> `NomicEncoder`; anything else -> `SentenceTransformerEncoder`."""
+    spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    if not Path(spec.source).exists() and str(spec.source).startswith((".", "/")):
+        raise FileNotFoundError(f"model folder {spec.source} does not exist")
+    if is_nomic_checkpoint(spec.source):
+        return NomicEncoder(spec)
+    return SentenceTransformerEncoder(spec)
