@@ -1,0 +1,288 @@
+"""The main job: the whole Nomic Embed chain, resumable stage by stage, under one MLflow parent run.
+
+    python -m workflows.pipeline --config workflows/configs/demo.yaml            # make demo: local Ray + sqlite
+    ray job submit --working-dir . -- python -m workflows.pipeline --config workflows/configs/pipeline_8gpu.yaml
+
+mlm_data -> mlm -> pair_data -> contrastive -> mine_negatives -> finetune, matryoshka -> evaluate. Every stage
+reads its own YAML (``stages.<name>.config`` + ``overrides``); the pipeline only wires folders: each stage writes
+``<output_dir>/<stage>`` and the next one reads it. A stage whose fingerprint (its config + the fingerprints of
+the stages it reads) matches its last finished run is skipped on restart; change a config and that stage and
+everything downstream runs again. A failing stage stops the job, names itself and keeps earlier outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ops.config import ConfigError, apply_overrides, cli, fingerprint, flatten, from_dict, read_yaml
+
+log = logging.getLogger("workflows.pipeline")
+STATE_FILE = "pipeline_state.json"
+
+
+@dataclass
+class StageRef:
+    config: str  # the stage's YAML (relative to the working directory)
+    overrides: list[str] = field(default_factory=list)  # key=value on top of it
+    enabled: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS (set by `ray job submit`) or a local Ray started by the job
+    num_cpus: int | None = None  # local Ray only
+    object_store_mb: int | None = 512  # local Ray only
+
+
+@dataclass
+class PipelineConfig:
+    name: str
+    output_dir: str
+    experiment: str
+    stages: dict[str, StageRef]
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step: which module runs it, which config class it reads, and how its inputs are wired."""
+
+    name: str
+    module: str  # has ``run(config) -> dict`` and a config dataclass
+    config_class: str
+    reads: tuple[str, ...]  # upstream stages whose outputs this one consumes
+    wire: Callable[[dict[str, Any], Path, dict[str, dict[str, Any]]], dict[str, Any]]
+
+
+def _output(name: str) -> Callable:
+    def wire(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {**raw, "output": str(out / name)}
+
+    return wire
+
+
+def _wire_trainer(name: str, data_stage: str, init_stage: str | None) -> Callable:
+    def wire(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        raw = {**raw, "data": done[data_stage]["output"], "output_dir": str(out / name)}
+        if init_stage is not None:
+            raw["init_checkpoint"] = done[init_stage]["model"]
+        return raw
+
+    return wire
+
+
+def _wire_mining(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {**raw, "output": str(out / "mine_negatives")}
+
+
+def _wire_evaluate(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    models = {name: done[name]["model"] for name in ("contrastive", "finetune", "matryoshka") if name in done}
+    raw = {**raw, "models": {**models, **raw.get("models", {})}, "output": str(out / "evaluate")}
+    if "mlm" in done and raw.get("glue", {}).get("tasks"):
+        raw["glue_model"] = done["mlm"]["model"]
+    if "matryoshka" in done and raw.get("dims"):
+        raw.setdefault("dims_models", ["matryoshka"])
+    return raw
+
+
+STAGES = (
+    Stage("mlm_data", "ops.mlm_data", "MlmDataConfig", (), _output("mlm_data")),
+    Stage("mlm", "workflows.mlm", "MLMConfig", ("mlm_data",), _wire_trainer("mlm", "mlm_data", None)),
+    Stage("pair_data", "ops.pair_data", "PairDataConfig", (), _output("pair_data")),
+    Stage("contrastive", "workflows.contrastive", "ContrastiveConfig", ("pair_data", "mlm"),
+          _wire_trainer("contrastive", "pair_data", "mlm")),
+    Stage("mine_negatives", "ops.mine_negatives", "MineNegativesConfig", (), _wire_mining),
+    Stage("finetune", "workflows.finetune", "FinetuneConfig", ("mine_negatives", "contrastive"),
+          _wire_trainer("finetune", "mine_negatives", "contrastive")),
+    Stage("matryoshka", "workflows.matryoshka", "MatryoshkaConfig", ("mine_negatives", "contrastive"),
+          _wire_trainer("matryoshka", "mine_negatives", "contrastive")),
+    Stage("evaluate", "workflows.evaluate", "EvaluateConfig", ("mlm", "contrastive", "finetune", "matryoshka"),
+          _wire_evaluate),
+)  # fmt: skip
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+class StageFailed(RuntimeError):
+    """A stage raised: the message names it; outputs of earlier stages are untouched."""
+
+
+def validate(config: PipelineConfig) -> None:
+    unknown = sorted(set(config.stages) - set(STAGE_NAMES))
+    if unknown:
+        raise ConfigError(f"pipeline: unknown stage(s) {unknown}; stages are {list(STAGE_NAMES)}")
+    enabled = {name for name, ref in config.stages.items() if ref.enabled}
+    for stage in STAGES:
+        if stage.name not in enabled:
+            continue
+        if not Path(config.stages[stage.name].config).is_file():
+            raise ConfigError(f"pipeline: stage {stage.name}: config file {config.stages[stage.name].config} "
+                              "does not exist")  # fmt: skip
+        missing = [r for r in stage.reads if r not in enabled and r != "evaluate"]
+        if stage.name != "evaluate" and missing:
+            raise ConfigError(f"pipeline: stage {stage.name} reads {missing}, which are not enabled")
+
+
+def stage_config(stage: Stage, ref: StageRef, out: Path, done: dict[str, dict[str, Any]]) -> Any:
+    """Read the stage YAML, apply the user's overrides, wire the folders, then validate against its class."""
+    module = importlib.import_module(stage.module)
+    raw = apply_overrides(read_yaml(ref.config), ref.overrides)
+    raw = stage.wire(raw, out, done)
+    return from_dict(getattr(module, stage.config_class), raw, where=f"{ref.config} (stage {stage.name})")
+
+
+def load_state(out: Path) -> dict[str, Any]:
+    file = out / STATE_FILE
+    return json.loads(file.read_text()) if file.is_file() else {"stages": {}}
+
+
+def save_state(out: Path, state: dict[str, Any]) -> None:
+    tmp = out / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    os.replace(tmp, out / STATE_FILE)  # atomic: a crash never leaves half a state file
+
+
+def start_ray(config: RayConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        store = config.object_store_mb * 2**20 if config.object_store_mb else None
+        ray.init(num_cpus=config.num_cpus, object_store_memory=store, include_dashboard=False,
+                 logging_level="WARNING")  # fmt: skip
+
+
+def tracking_setup(experiment: str) -> str:
+    """The tracking URI (``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``) and the experiment id."""
+    import mlflow
+
+    from evaluation.report import experiment_id
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # trainers' workers inherit it
+    mlflow.set_tracking_uri(uri)
+    return experiment_id(experiment)
+
+
+def run(config: PipelineConfig) -> dict[str, Any]:
+    """Run (or resume) every enabled stage; return {stage: its result summary}."""
+    import mlflow
+
+    validate(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = load_state(out)
+    experiment = tracking_setup(config.experiment)
+    start_ray(config.ray)
+    parent_id = state.get("parent_run_id")
+    if parent_id is None or mlflow.get_run(parent_id).info.experiment_id != experiment:
+        parent_id = mlflow.start_run(experiment_id=experiment, run_name=config.name).info.run_id
+        mlflow.end_run()
+        state = {"stages": {}, "parent_run_id": parent_id}
+    done: dict[str, dict[str, Any]] = {}
+    fingerprints: dict[str, str] = {}
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.set_tags({"pipeline": config.name, "output_dir": str(out.resolve())})
+        if not state.get("params_logged"):
+            mlflow.log_params({f"pipeline.{k}": str(v)[:500] for k, v in flatten(config).items()})
+            state["params_logged"] = True
+        for stage in STAGES:
+            ref = config.stages.get(stage.name)
+            if ref is None or not ref.enabled:
+                continue
+            stage_cfg = stage_config(stage, ref, out, done)
+            fingerprints[stage.name] = fingerprint({"config": dataclasses.asdict(stage_cfg),
+                                                    "upstream": {r: fingerprints.get(r) for r in stage.reads}})  # fmt: skip
+            previous = state["stages"].get(stage.name, {})
+            if previous.get("status") == "finished" and previous.get("fingerprint") == fingerprints[stage.name]:
+                print(f"[pipeline] {stage.name}: finished earlier (fingerprint {fingerprints[stage.name]}), skipped")
+                done[stage.name] = previous["result"]
+                continue
+            done[stage.name] = run_stage(stage, stage_cfg, fingerprints[stage.name], previous, state, out)
+        summary_path = out / "summary.json"
+        summary_path.write_text(json.dumps(done, indent=2, default=str))
+        mlflow.log_artifact(str(summary_path))
+    return done
+
+
+def run_stage(stage: Stage, stage_cfg: Any, stage_fingerprint: str, previous: dict[str, Any],
+              state: dict[str, Any], out: Path) -> dict[str, Any]:  # fmt: skip
+    """One child run named after the stage; the stage's own run function does the work."""
+    import mlflow
+
+    module = importlib.import_module(stage.module)
+    print(f"[pipeline] {stage.name}: running")
+    started = time.monotonic()
+    with mlflow.start_run(run_name=stage.name, nested=True) as child:
+        mlflow.set_tags({"stage": stage.name, "fingerprint": stage_fingerprint})
+        if previous.get("run_id"):
+            mlflow.set_tag("supersedes", previous["run_id"])
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(stage_cfg).items()})
+        state["stages"][stage.name] = {"status": "running", "fingerprint": stage_fingerprint, "run_id": child.info.run_id}
+        save_state(out, state)
+        try:
+            result = module.run(stage_cfg) or {}
+        except Exception as err:
+            state["stages"][stage.name].update(status="failed", error=f"{type(err).__name__}: {err}")
+            save_state(out, state)
+            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+            mlflow.end_run(status="FAILED")
+            raise StageFailed(f"stage '{stage.name}' failed: {type(err).__name__}: {err}") from err
+        result = stage_result(stage, stage_cfg, result)
+        mlflow.log_metric("stage_seconds", time.monotonic() - started)
+    state["stages"][stage.name] = {"status": "finished", "fingerprint": stage_fingerprint, "run_id": child.info.run_id,
+                                   "result": result, "finished_at": datetime.datetime.now().isoformat()}  # fmt: skip
+    save_state(out, state)
+    print(f"[pipeline] {stage.name}: finished in {time.monotonic() - started:.0f} s")
+    return result
+
+
+def stage_result(stage: Stage, stage_cfg: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """What downstream stages need: ``output`` (a data folder) or ``model`` (a checkpoint folder)."""
+    result = json.loads(json.dumps(result, default=str))
+    if hasattr(stage_cfg, "output") and "output" not in result:
+        result["output"] = stage_cfg.output
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = cli(PipelineConfig, "The whole Nomic Embed pipeline", argv)
+    try:
+        done = run(config)
+    except StageFailed as err:
+        print(f"[pipeline] stopped: {err}. Earlier stages' outputs are kept in {config.output_dir}; "
+              f"fix the cause and run the same command again to resume.", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
+    print_where_to_look(config, done)
+
+
+def print_where_to_look(config: PipelineConfig, done: dict[str, Any]) -> None:
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    table = Path(config.output_dir) / "evaluate" / "evaluation_table.md"
+    if table.is_file():
+        print(table.read_text())
+    print(f"\nDone: {', '.join(done)}. Outputs in {config.output_dir}.")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000   then open http://127.0.0.1:5000 "
+          f"(experiment '{config.experiment}', parent run '{config.name}')")  # fmt: skip
+    print(f"Side-by-side table: python -m evaluation.compare --experiment {config.experiment} --filter beir/")
+
+
+if __name__ == "__main__":
+    main()
