@@ -43,6 +43,7 @@ class PairDataConfig:
     max_chars: int = 100_000  # longer texts are quarantined as "too_long"
     num_cpus: float = 1.0  # per read task
     preserve_order: bool = True
+    save_embeddings: bool = False  # also write the teacher embeddings to <output>/embeddings/ (audits, tests)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -136,6 +137,8 @@ def run(config: PairDataConfig) -> dict:
         pairs = read_pairs(config, plans).select_columns(["key", "source", "query", "document"])
         embedded = embed_dataset(pairs, ["query", "document"], config.teacher)
         embedded = embedded.select_columns(["key", "source", "query_emb", "document_emb"]).materialize()
+        if config.save_embeddings:
+            embedded.write_parquet(io.join(config.output, "embeddings"))
         result = consistency_filter(embedded, config.top_k, config.chunk_size, config.teacher.num_gpus)
         kept_keys, filtered = result.kept_keys, result.dropped_per_source
         del embedded
