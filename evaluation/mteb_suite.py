@@ -132,8 +132,15 @@ def resolve_tasks(specs: Sequence[str], limit: int | None = None) -> list[Any]:
     return tasks
 
 
+# what we log per task besides main_score (MTEB computes dozens; these are the ones people compare)
+KEPT_METRICS = {"main_score", "ndcg_at_10", "ndcg_at_100", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100",
+                "recall_at_1000", "cosine_spearman", "cosine_pearson", "accuracy", "f1", "ap", "v_measure",
+                "similarity_ap", "max_ap", "map", "mrr"}
+
+
 def _flat_scores(scores: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in scores.items() if k in KEPT_METRICS and isinstance(v, (int, float))
+            and not isinstance(v, bool) and not np.isnan(v)}  # fmt: skip
 
 
 def evaluate_mteb(encoder: TextEncoder, tasks: Sequence[Any], variants: Sequence[tuple[int | None, bool]],
