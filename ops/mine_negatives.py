@@ -58,7 +58,8 @@ def mine(table: pa.Table, config: MineNegativesConfig) -> tuple[pa.Table, dict[s
     import ray
 
     queries, positives = table.column("query").to_pylist(), table.column("document").to_pylist()
-    given = table.column("negatives").to_pylist() if "negatives" in table.column_names else [[] for _ in queries]
+    given = table.column("negatives").to_pylist() if "negatives" in table.column_names else [None] * len(queries)
+    given = [g or [] for g in given]
     sources = table.column("source").to_pylist()
     keys = table.column("key").to_pylist()
     names = sorted(set(sources))
@@ -70,13 +71,16 @@ def mine(table: pa.Table, config: MineNegativesConfig) -> tuple[pa.Table, dict[s
     search = remote(topk_search, config.teacher.num_gpus)
     negatives: list[list[str] | None] = [None] * len(queries)
     topped_up = {}
+    golds: dict[tuple[str, str], set[str]] = {}
+    for src, q, d in zip(sources, queries, positives, strict=True):
+        golds.setdefault((src, q), set()).add(d)
     for s in names:
         rows = [i for i, src in enumerate(sources) if src == s]
         corpus = corpora[s]
         c_emb = emb[offset: offset + len(corpus)]
         offset += len(corpus)
         top = ray.get(search.remote(q_emb[rows], c_emb, config.candidates))
-        picked, topped_up[s] = select_negatives(top, corpus, [queries[i] for i in rows], [positives[i] for i in rows],
+        picked, topped_up[s] = select_negatives(top, corpus, [queries[i] for i in rows], [golds[(s, queries[i])] for i in rows],
                                                 config.num_negatives, config.seed, [keys[i] for i in rows])  # fmt: skip
         for i, negs in zip(rows, picked, strict=True):
             negatives[i] = negs
@@ -92,7 +96,7 @@ def run(config: MineNegativesConfig) -> dict:
     ensure_ray()
     data_context(True)
     io.prepare_output(config.output, config.overwrite)
-    table = pa.concat_tables(ray.get(read_pairs(config, plans).to_arrow_refs()))
+    table = pa.concat_tables(ray.get(read_pairs(config, plans).to_arrow_refs()), promote_options="default")
     triplets, topped_up = mine(table, config)
     io.write_parts(ray.data.from_arrow(triplets), config.output)
     rows_out = io.finalize(config.output)

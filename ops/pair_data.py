@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ops import io
@@ -70,31 +69,48 @@ class FilterResult:
     dropped_per_source: dict[str, int]
 
 
-class _OfSource:
-    def __init__(self, source: str) -> None:
-        self.source = source
+def consistency_filter(embedded, top_k: int, chunk_size: int, num_gpus: float = 0.0,
+                       counts: dict[str, int] | None = None) -> FilterResult:  # fmt: skip
+    """Materialised rows with ``key``, ``source``, ``query_emb``, ``document_emb`` -> keys of the kept pairs.
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.equal(batch.column("source"), self.source))
-
-
-def consistency_filter(embedded, top_k: int, chunk_size: int, num_gpus: float = 0.0) -> FilterResult:
-    """Materialised rows with ``key``, ``source``, ``query_emb``, ``document_emb`` -> keys of the kept pairs."""
+    One streaming pass in input order: rows are buffered per source and each full chunk goes to a search task
+    at once; ``counts`` (rows per source, e.g. from the reader statistics) saves a counting pass.
+    """
     import ray
 
-    counts = Counter()
-    for refs in embedded.select_columns(["source"]).iter_batches(batch_format="pyarrow", batch_size=None):
-        counts.update(refs.column("source").to_pylist())
+    if counts is None:
+        counts = Counter()
+        for batch in embedded.select_columns(["source"]).iter_batches(batch_format="pyarrow", batch_size=None):
+            counts.update(batch.column("source").to_pylist())
+    sizes = {s: chunk_sizes(n, chunk_size) for s, n in counts.items()}
     search = remote(consistency_mask, num_gpus)
+    buffers: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in counts}
     chunks, pending = [], []
-    for source in sorted(counts):
-        rows = embedded.map_batches(_OfSource(source), batch_format="pyarrow")
-        for batch in rows.iter_batches(batch_size=chunk_sizes(counts[source], chunk_size), batch_format="numpy"):
-            chunks.append((source, batch["key"]))
-            pending.append(search.remote(batch["query_emb"], batch["document_emb"], top_k))
+
+    def submit(source: str, final: bool) -> None:
+        parts = buffers[source]
+        if not parts:
+            return
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in ("key", "query_emb", "document_emb")}
+        size = sizes[source]
+        cut = len(merged["key"]) if final else (len(merged["key"]) // size) * size
+        for start in range(0, cut, size):
+            part = slice(start, min(start + size, cut))
+            chunks.append((source, merged["key"][part]))
+            pending.append(search.remote(merged["query_emb"][part], merged["document_emb"][part], top_k))
+        buffers[source] = [{k: v[cut:] for k, v in merged.items()}] if cut < len(merged["key"]) else []
+
+    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
+        for source in map(str, np.unique(batch["source"])):
+            rows = batch["source"] == source
+            buffers[source].append({k: np.asarray(batch[k])[rows] for k in ("key", "query_emb", "document_emb")})
+            if sum(len(p["key"]) for p in buffers[source]) >= sizes[source]:
+                submit(source, final=False)
+    for source in sorted(buffers):
+        submit(source, final=True)
     masks = [np.asarray(m) for m in ray.get(pending)]
     kept = [keys[m] for (_, keys), m in zip(chunks, masks, strict=True)]
-    dropped = Counter()
+    dropped = Counter({s: 0 for s in counts})
     for (source, keys), m in zip(chunks, masks, strict=True):
         dropped[source] += int(len(keys) - m.sum())
     return FilterResult(np.concatenate(kept) if kept else np.zeros(0, np.int64), chunks, dict(dropped))
@@ -139,7 +155,8 @@ def run(config: PairDataConfig) -> dict:
         embedded = embedded.select_columns(["key", "source", "query_emb", "document_emb"]).materialize()
         if config.save_embeddings:
             embedded.write_parquet(io.join(config.output, "embeddings"))
-        result = consistency_filter(embedded, config.top_k, config.chunk_size, config.teacher.num_gpus)
+        counts = io.sum_stats(io.collect_stats(config.output))["rows_read_per_source"]
+        result = consistency_filter(embedded, config.top_k, config.chunk_size, config.teacher.num_gpus, counts)
         kept_keys, filtered = result.kept_keys, result.dropped_per_source
         del embedded
     columns = PAIR_COLUMNS + (["negatives"] if any(s.negatives_column for s in config.sources) else [])

@@ -8,7 +8,7 @@ inner product is the cosine (FAISS ``IndexFlatIP`` in the reference). The search
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,8 +134,9 @@ def remote(fn, num_gpus: float):
 
 
 def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Sequence[str],
-                     positives: Sequence[str], n: int, seed: int, row_keys: Sequence[int]) -> tuple[list[list[str]], int]:  # fmt: skip
-    """Per query: drop the gold document and any text equal to the query from its teacher top-k, sample ``n``
+                     golds: Sequence[Collection[str]], n: int, seed: int, row_keys: Sequence[int]) -> tuple[list[list[str]], int]:  # fmt: skip
+    """Per query: drop its gold documents (every positive of that query text) and any text equal to the query
+    from its teacher top-k, sample ``n``
     at random, top up with random corpus documents when fewer remain. Seeded per row (seed, row key).
 
     Returns the negatives per query and how many queries needed a random top-up."""
@@ -144,7 +145,7 @@ def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Seq
     out, topped_up = [], 0
     for i, key in enumerate(row_keys):
         rng = np.random.default_rng([seed, int(key)])
-        banned = {positives[i], queries[i]}
+        banned = {*golds[i], queries[i]}
         pool = list(dict.fromkeys(corpus[j] for j in candidates[i] if corpus[j] not in banned))
         picked = [pool[j] for j in rng.choice(len(pool), size=min(n, len(pool)), replace=False)] if pool else []
         topped_up += len(picked) < n
