@@ -1,0 +1,470 @@
+"""What every training stage shares, kept flat: config sections, optimizer groups, LR schedule, the session
+(rank, device, checkpoints, reporting; Ray Train's or a plain folder's), atomic checkpoints, MLflow, the NaN
+guard, console progress, and the driver-side `fit` that wraps `TorchTrainer`.
+
+A stage's loop is a plain function of (config, batch iterator, session): under Ray Train the session talks to
+`ray.train`; without Ray (GPU benchmarks) `Session.local` keeps checkpoints in a folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from nomicbert.checkpoint import load_state_dict_strict, read_state_dict, save_pretrained
+
+log = logging.getLogger("workflows.train")
+STATE_DIR = "training_state"
+STATE_FILE = "state.pt"
+PROGRESS_FILE = "progress.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config sections shared by the stage configs (every key required: a missing one is an error naming it)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float  # on >= 2-D weights only
+    warmup_steps: int  # give warmup_steps or warmup_ratio, not both
+    warmup_ratio: float  # fraction of the total steps (MLM: 0.06)
+    schedule: Literal["linear", "cosine"]  # decay to 0 after the warm-up
+    max_grad_norm: float  # 0 = no clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0 (got {self.lr})")
+
+
+@dataclass
+class RunSettings:
+    name: str  # Ray Train run name; re-running the same (storage_path, name) resumes it
+    storage_path: str  # Ray Train storage: checkpoints and run state (a path, s3:// or gs://)
+    num_workers: int  # 0 = run the loop in the driver process (tests)
+    use_gpu: bool
+    cpus_per_worker: float
+    precision: Literal["fp32", "bf16"]  # bf16 autocast needs a GPU
+    checkpoint_every: int  # steps
+    keep_checkpoints: int
+    max_failures: int  # Ray Train restarts from the last checkpoint this many times
+    log_every: int  # steps between console lines and MLflow metrics
+    seed: int
+    row_log: str | None  # folder for per-rank JSON lines of the row ids of every step (data audit)
+    fault_step: int  # chaos test: rank 0 SIGKILLs itself at this step of the first attempt; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("run.precision=bf16 needs run.use_gpu=true (CPU training runs in fp32)")
+        for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"run.{key} must be >= 1")
+
+
+@dataclass
+class MlflowSettings:
+    experiment: str
+    parent_run_id: str | None  # nest under a pipeline run; None -> $MLFLOW_PARENT_RUN_ID if set
+    artifact_location: str | None  # for a new experiment; None -> beside a sqlite store, else the server's
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on >= 2-D weights (linear layers and embeddings), none on biases and LayerNorms.
+    Tied parameters appear once (``named_parameters`` de-duplicates them)."""
+    decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    log.info("optimizer: %d tensors with weight decay, %d without", len(decay), len(no_decay))
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the peak, then linear or cosine decay to 0 at ``total_steps``."""
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; no checkpoint is written for the step, the last good one stays."""
+
+
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {step}; stopping without writing a checkpoint (the last good one is kept). "
+            "Lower optim.lr, check the data, or use fp32."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: model folder (our layout) + training_state/, written to a temp folder and renamed
+# ---------------------------------------------------------------------------------------------------------
+def write_checkpoint(folder: Path, model: nn.Module, tokenizer, state: dict[str, Any]) -> None:
+    """Model weights and config (loadable by `nomicbert.checkpoint.load_model`) plus optimizer, scheduler,
+    step, data position and RNG under ``training_state/``."""
+    save_pretrained(model, folder, tokenizer)
+    (folder / STATE_DIR).mkdir(exist_ok=True)
+    torch.save(state, folder / STATE_DIR / STATE_FILE)
+    progress = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
+    (folder / STATE_DIR / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
+
+
+def atomic_folder(target: Path, write: Callable[[Path], None]) -> Path:
+    """Write into a temp sibling, then rename: a crash mid-write leaves no folder under ``target``'s name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():  # replace: move the old one aside first (rename of a non-empty dir cannot overwrite)
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_training_state(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore(folder: Path, model: nn.Module, optimizer, sched) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and RNG from a checkpoint; returns its training state."""
+    load_state_dict_strict(model, read_state_dict(folder))
+    state = read_training_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Session: where a loop runs
+# ---------------------------------------------------------------------------------------------------------
+class Session:
+    """Rank, world size, device, checkpoint restore and report; Ray Train's (`from_ray`) or a folder's (`local`)."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, checkpoint_root: Path | None):
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.checkpoint_root = checkpoint_root  # local mode only
+        self.attempt_marker: Path | None = None
+
+    @classmethod
+    def from_ray(cls) -> Session:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), None)
+
+    @classmethod
+    def local(cls, checkpoint_root: str | os.PathLike, device: str | torch.device | None = None) -> Session:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(0, 1, device, Path(checkpoint_root))
+
+    @property
+    def is_ray(self) -> bool:
+        return self.checkpoint_root is None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move to the device and wrap in DDP when there are several workers."""
+        if self.is_ray:
+            import ray.train.torch
+
+            return ray.train.torch.prepare_model(model)
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        if self.is_ray:
+            import ray.train
+
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                yield None
+            else:
+                with checkpoint.as_directory() as folder:
+                    yield Path(folder)
+        else:
+            steps = sorted(self.checkpoint_root.glob("step-*")) if self.checkpoint_root.is_dir() else []
+            yield steps[-1] if steps else None
+
+    def report(self, metrics: dict[str, float], step: int, write: Callable[[Path], None]) -> None:
+        """Checkpoint (rank 0 writes) and report; every rank calls this equally often (a barrier under Ray)."""
+        if self.is_ray:
+            import ray.train
+
+            checkpoint = None
+            if self.rank == 0:  # Ray uploads it to storage and deletes the local copy (kept in num_workers=0 mode)
+                folder = atomic_folder(Path(tempfile.mkdtemp(prefix="nomic-ckpt-")) / "checkpoint", write)
+                checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{step:08d}",
+                             delete_local_checkpoint_after_upload=True)
+        else:
+            atomic_folder(self.checkpoint_root / f"step-{step:08d}", write)
+
+
+def maybe_inject_fault(run: RunSettings, session: Session, step: int, marker_dir: Path) -> None:
+    """Chaos test (``run.fault_step``): SIGKILL rank 0's process once, to prove that resume works."""
+    if not run.fault_step or step != run.fault_step or session.rank != 0:
+        return
+    marker = marker_dir / f"fault-{run.name}-done"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    log.warning("fault injection: killing worker pid %d at step %d", os.getpid(), step)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RowLog:
+    """Per-rank JSON lines ``{"attempt", "step", "row_ids"}``: proves every row is used once across restarts."""
+
+    def __init__(self, folder: str | None, rank: int):
+        self.file = Path(folder) / f"rank-{rank}.jsonl" if folder else None
+        if self.file:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid = os.getpid()
+
+    def write(self, step: int, row_ids) -> None:
+        if self.file:
+            with self.file.open("a") as f:
+                f.write(json.dumps({"pid": self.pid, "step": step, "row_ids": [int(r) for r in row_ids]}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress: console + MLflow on rank 0
+# ---------------------------------------------------------------------------------------------------------
+class Progress:
+    """Console line (step, loss, tokens/s, ETA) and MLflow metrics ``<stage>/<name>`` every ``log_every`` steps."""
+
+    def __init__(self, stage: str, total_steps: int, start_step: int, rank: int, mlflow_run: dict[str, str] | None,
+                 log_every: int):  # fmt: skip
+        self.stage, self.total, self.rank, self.log_every = stage, total_steps, rank, log_every
+        self.start_step, self.start = start_step, time.perf_counter()
+        self.last = self.start
+        self.client = None
+        if mlflow_run and rank == 0:
+            from mlflow import MlflowClient
+
+            self.client, self.run_id = MlflowClient(mlflow_run["tracking_uri"]), mlflow_run["run_id"]
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        log.setLevel(logging.INFO)
+
+    def step(self, step: int, tokens: int, metrics: dict[str, float]) -> dict[str, float]:
+        now = time.perf_counter()
+        metrics = {**metrics, "tokens_per_s": tokens / max(now - self.last, 1e-9)}
+        self.last = now
+        if self.rank == 0 and (step % self.log_every == 0 or step == self.total):
+            per_step = (now - self.start) / max(1, step - self.start_step)
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (self.total - step)))
+            shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            log.info("[%s] step %d/%d %s eta %s", self.stage, step, self.total, shown, eta)
+            if self.client:
+                from mlflow.entities import Metric
+
+                stamp = int(time.time() * 1000)
+                self.client.log_batch(self.run_id, [Metric(f"{self.stage}/{k}", float(v), stamp, step)
+                                                    for k, v in metrics.items()])  # fmt: skip
+        return metrics
+
+
+def grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Total gradient norm, clipping to ``max_norm`` when it is > 0."""
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf")))
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum floats over workers (identity with one)."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class SeededOrder:
+    """``map_batches`` adding ``order`` = a hash of (seed, epoch, row_id): sorting on it is a shuffle that every
+    worker and every restart reproduces exactly (Ray's random_shuffle depends on block layout)."""
+
+    def __init__(self, seed: int, epoch: int):
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        ids = np.asarray(batch["row_id"], dtype=np.uint64)
+        key = (ids + np.uint64(self.seed * 1_000_003 + self.epoch)) * np.uint64(0x9E3779B97F4A7C15)
+        key ^= key >> np.uint64(31)
+        return {**batch, "order": key * np.uint64(0xBF58476D1CE4E5B9)}
+
+
+def ray_data_setup() -> None:
+    """Attach to Ray (a job's cluster or a new local one) and quiet Ray Data."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver side: MLflow run, TorchTrainer, final export
+# ---------------------------------------------------------------------------------------------------------
+def _experiment_id(name: str, artifact_location: str | None) -> str:
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    uri = mlflow.get_tracking_uri()
+    if artifact_location is None and uri.startswith("sqlite:///"):  # not ./mlruns of whatever the CWD is
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+@contextlib.contextmanager
+def mlflow_run(stage: str, config: Any, settings: MlflowSettings) -> Iterator[dict[str, str]]:
+    """The active run (a pipeline's child run, which has the params already), else a new run named after the
+    stage with the whole config as params, nested under ``parent_run_id`` / $MLFLOW_PARENT_RUN_ID if given."""
+    import mlflow
+
+    from ops.config import flatten
+
+    uri = mlflow.get_tracking_uri()
+    active = mlflow.active_run()
+    if active is not None:
+        yield {"run_id": active.info.run_id, "tracking_uri": uri}
+        return
+    parent = settings.parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID")
+    tags = {"stage": stage, **({"mlflow.parentRunId": parent} if parent else {})}
+    experiment = _experiment_id(settings.experiment, settings.artifact_location)
+    with mlflow.start_run(experiment_id=experiment, run_name=stage, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
+        yield {"run_id": run.info.run_id, "tracking_uri": uri}
+
+
+def log_manifest(data_dir: str) -> None:
+    """The dataset manifest of the stage's input folder as an MLflow artifact (and a few params)."""
+    import mlflow
+
+    from ops.io import exists, join, read_manifest
+
+    if not exists(join(data_dir, "manifest.json")):
+        log.warning("no manifest.json in %s; the run records no dataset manifest", data_dir)
+        return
+    manifest = read_manifest(data_dir)
+    mlflow.log_dict(manifest, "dataset/manifest.json")
+    mlflow.set_tag("dataset", data_dir)
+
+
+def export_final(checkpoint_dir: Path, output_dir: str, kind: str) -> Path:
+    """The last checkpoint -> ``output_dir``: our layout + ``hf/`` (+ ``st/`` for encoders) + ``training_state/``,
+    replaced atomically."""
+    from nomicbert.checkpoint import export_all, load_model
+    from nomicbert.tokenizer import load_tokenizer
+
+    model = load_model(checkpoint_dir, kind=kind)
+    tokenizer = load_tokenizer(checkpoint_dir)
+
+    def write(folder: Path) -> None:
+        export_all(model, folder, tokenizer)
+        shutil.copytree(checkpoint_dir / STATE_DIR, folder / STATE_DIR)
+
+    return atomic_folder(Path(output_dir), write)
+
+
+def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: dict[str, Any], total_steps: int,
+        kind: str, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``loop`` on ``config.run.num_workers`` Ray Train workers (DDP), export the final model, log it.
+
+    Returns ``{"stage", "model" (the exported folder), "checkpoint" (Ray's last checkpoint), "steps", "metrics",
+    "mlflow_run_id"}``.
+    """
+    import mlflow
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ops.config import to_dict
+
+    run = config.run
+    ordered = ray.train.DataConfig.default_ingest_options()
+    ordered.preserve_order = True
+    resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
+    with mlflow_run(stage, config, config.mlflow) as mlrun:
+        log_manifest(config.data)
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config={"config": to_dict(config), "total_steps": total_steps, "mlflow": mlrun,
+                               **(extra_loop_config or {})},
+            scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                                   resources_per_worker=resources),  # fmt: skip
+            run_config=ray.train.RunConfig(
+                name=run.name,
+                storage_path=str(Path(run.storage_path).resolve()) if "://" not in run.storage_path else run.storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+            ),
+            datasets=datasets,
+            # every worker reads the same ordered stream and keeps its slice of each global batch (exact resume)
+            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ordered),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        with result.checkpoint.as_directory() as folder:
+            model_dir = export_final(Path(folder), config.output_dir, kind)
+            progress = json.loads((Path(folder) / STATE_DIR / PROGRESS_FILE).read_text())
+        mlflow.log_artifacts(str(model_dir), "model")
+        return {"stage": stage, "model": str(model_dir), "checkpoint": result.checkpoint.path,
+                "steps": progress["step"], "metrics": dict(result.metrics or {}), "mlflow_run_id": mlrun["run_id"]}

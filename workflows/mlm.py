@@ -1,0 +1,211 @@
+"""Stage 1: masked-LM pretraining of nomic-bert-2048 (spec §4) on packed rows of ``mlm-data/``.
+
+    python -m workflows.mlm --config workflows/configs/mlm.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m workflows.mlm --config workflows/configs/mlm_8gpu.yaml
+
+Masking (30%, 80/10/10) runs on the fly in the Ray Data pipeline (`ops.mask.MaskTokens`), seeded by
+(seed, epoch, row_id), so a resumed run sees the same masks. The loss covers masked positions only and is the
+exact mean over the global batch's masked tokens, however the batch is split over workers and micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nomicbert.attention import Segments
+from nomicbert.model import NomicBertForPreTraining
+from workflows import common
+from workflows.common import MlflowSettings, OptimConfig, RunSettings, Session
+
+
+@dataclass
+class MLMConfig:
+    data: str  # mlm-data/ folder (part-*.parquet + manifest.json)
+    output_dir: str  # final model: our layout + hf/ + training_state/
+    model: str  # a preset ("nomic-bert-2048", "tiny") or a masked-LM checkpoint folder to continue from
+    model_overrides: dict[str, Any]  # NomicBertConfig fields, e.g. {num_hidden_layers: 2}
+    attn_backend: str  # auto | flash | sdpa | eager
+    mlm_probability: float
+    attend_across_documents: bool  # true = the reference: one attention segment per packed row
+    shuffle: bool  # seeded per-epoch row order (a sort on a hash of (seed, epoch, row_id))
+    global_batch: int  # rows per optimizer step over all workers (reference: 4096)
+    micro_batch: int  # rows per forward per worker; accumulation = global_batch / (workers * micro_batch)
+    epochs: int
+    max_steps: int  # 0 = as many as the epochs give
+    optim: OptimConfig
+    run: RunSettings
+    mlflow: MlflowSettings
+
+    def __post_init__(self) -> None:
+        workers = max(1, self.run.num_workers)
+        if self.micro_batch < 1 or self.global_batch % (workers * self.micro_batch):
+            raise ValueError(f"global_batch {self.global_batch} must be a multiple of workers ({workers}) x "
+                             f"micro_batch ({self.micro_batch})")  # fmt: skip
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError(f"mlm_probability must be in (0, 1) (got {self.mlm_probability})")
+        if self.epochs < 1 or self.max_steps < 0:
+            raise ValueError("epochs must be >= 1 and max_steps >= 0")
+
+
+class PackedMLM(nn.Module):
+    """The masked-LM forward behind ``forward`` (so DDP sees it): (sum of token losses, correct, masked count)."""
+
+    def __init__(self, model: NomicBertForPreTraining):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, lengths: list[int], labels: torch.Tensor):
+        segments = Segments.from_lengths(lengths, device=ids.device)
+        out = self.model.forward_packed(ids, segments, labels)
+        return out.loss * out.labels.numel(), (out.logits.argmax(-1) == out.labels).sum()
+
+
+def build_model(cfg: MLMConfig) -> NomicBertForPreTraining:
+    from nomicbert.checkpoint import load_model
+    from nomicbert.config import PRESETS, preset
+
+    if cfg.model in PRESETS:
+        model = NomicBertForPreTraining(preset(cfg.model).replace(**cfg.model_overrides), attn_backend=cfg.attn_backend)
+    elif Path(cfg.model).is_dir():
+        model = load_model(cfg.model, kind="mlm", **cfg.model_overrides)
+        model.bert.attn_backend = cfg.attn_backend
+    else:
+        raise ValueError(f"model {cfg.model!r} is neither a preset ({sorted(PRESETS)}) nor a checkpoint folder")
+    return model
+
+
+def _stack(column: np.ndarray) -> np.ndarray:
+    return np.stack(list(column)) if column.dtype == object else np.asarray(column)
+
+
+def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Session, total_steps: int,
+          mlflow_run: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
+    """The training loop, Ray or not. ``batches``: this worker's slice of each global batch, in order, as numpy
+    columns ``row_id``, ``input_ids`` [rows, L], ``labels`` [rows, L] (-100 = not masked), ``doc_lengths``."""
+    from nomicbert.tokenizer import load_tokenizer
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg)
+    net = session.prepare(PackedMLM(model))
+    optimizer = common.adamw(model, cfg.optim)
+    sched = common.scheduler(optimizer, cfg.optim, total_steps)
+    step = consumed = 0
+    with session.latest_checkpoint() as folder:
+        if folder is not None:
+            state = common.restore(folder, model, optimizer, sched)
+            step, consumed = state["step"], state["batches_consumed"]
+    tokenizer = load_tokenizer()
+    progress = common.Progress("mlm", total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
+    rows = common.RowLog(cfg.run.row_log, session.rank)
+    accumulation = cfg.global_batch // (session.world_size * cfg.micro_batch)
+    metrics: dict[str, float] = {}
+    net.train()
+    for index, batch in enumerate(batches):
+        if index < consumed:  # resume: these global batches were trained on before the restart
+            continue
+        if step >= total_steps:
+            break
+        common.maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
+        ids = torch.as_tensor(_stack(batch["input_ids"]), dtype=torch.long)
+        labels = torch.as_tensor(_stack(batch["labels"]), dtype=torch.long)
+        (masked_total,) = common.all_reduce_sum([float((labels != -100).sum())], session.device)
+        loss_sum = correct = 0.0
+        for m in range(accumulation):
+            part = slice(m * cfg.micro_batch, (m + 1) * cfg.micro_batch)
+            if cfg.attend_across_documents:
+                lengths = [ids.shape[1]] * ids[part].shape[0]
+            else:
+                lengths = [int(n) for row in batch["doc_lengths"][part] for n in row]
+            sync = m == accumulation - 1 or not hasattr(net, "no_sync")
+            with (contextlib.nullcontext() if sync else net.no_sync()), common.autocast(cfg.run.precision, session.device):
+                part_loss, part_correct = net(ids[part].flatten().to(session.device), lengths,
+                                              labels[part].flatten().to(session.device))  # fmt: skip
+            # each worker's share of the global mean; DDP averages over workers, hence * world_size
+            (part_loss * session.world_size / masked_total).backward()
+            loss_sum, correct = loss_sum + part_loss.item(), correct + part_correct.item()
+        norm = common.grad_norm(model, cfg.optim.max_grad_norm)
+        loss_sum, correct = common.all_reduce_sum([loss_sum, correct], session.device)
+        loss = loss_sum / masked_total
+        common.check_finite(loss, step + 1)
+        lr = sched.get_last_lr()[0]
+        optimizer.step()
+        sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        step, consumed = step + 1, index + 1
+        rows.write(step, batch["row_id"])
+        metrics = progress.step(step, ids.numel() * session.world_size,
+                                {"loss": loss, "accuracy": correct / masked_total, "lr": lr, "grad_norm": norm})
+        if step % cfg.run.checkpoint_every == 0 or step == total_steps:
+            state = {"step": step, "batches_consumed": consumed, "loss": loss,
+                     "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+            session.report(metrics, step, lambda f: common.write_checkpoint(f, model, tokenizer, state))
+    return {"step": step, **metrics}
+
+
+def rank_slices(global_batches: Iterable[dict[str, np.ndarray]], rank: int, world: int) -> Iterator[dict[str, np.ndarray]]:
+    """Rank r keeps rows [r * n, (r + 1) * n) of each global batch (n = rows / world)."""
+    for batch in global_batches:
+        n = len(batch["row_id"]) // world
+        yield {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
+    import ray.train
+
+    from ops.config import from_dict
+
+    cfg = from_dict(MLMConfig, loop_config["config"])
+    session = Session.from_ray()
+    shard = ray.train.get_dataset_shard("train")
+    global_batches = shard.iter_batches(batch_size=cfg.global_batch, batch_format="numpy", drop_last=True)
+    batches = rank_slices(global_batches, session.rank, session.world_size)
+    return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
+
+
+def build_dataset(cfg: MLMConfig):
+    """Masked rows for all epochs back to back, each epoch in its own seeded order -> (dataset, total steps)."""
+    import ray
+
+    from ops.io import join, list_files
+    from ops.mask import MaskTokens
+
+    files = list_files(join(cfg.data, "part-*.parquet"))
+    base = ray.data.read_parquet(files, columns=["row_id", "input_ids", "doc_lengths", "special_tokens_mask"])
+    per_epoch = base.count() // cfg.global_batch
+    if per_epoch == 0:
+        raise ValueError(f"{cfg.data} has fewer rows than one global batch ({cfg.global_batch})")
+    total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
+    epochs = []
+    for epoch in range(math.ceil(total / per_epoch)):
+        ds = base
+        if cfg.shuffle:
+            ds = ds.map_batches(common.SeededOrder(cfg.run.seed, epoch), batch_format="numpy").sort("order")
+        epochs.append(ds.map_batches(MaskTokens(cfg.mlm_probability, cfg.run.seed, epoch), batch_format="numpy"))
+    return (epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]), total
+
+
+def run(config: MLMConfig) -> dict[str, Any]:
+    """Train and export; returns {"model": output folder, "checkpoint", "steps", "metrics", "mlflow_run_id"}."""
+    common.ray_data_setup()
+    dataset, total_steps = build_dataset(config)
+    return common.fit("mlm", config, train_loop_per_worker, {"train": dataset}, total_steps, kind="mlm")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ops.config import cli
+
+    result = run(cli(MLMConfig, "Stage 1: masked-LM pretraining (nomic-bert-2048)", argv))
+    print(f"[mlm] done: {result['steps']} steps, model in {result['model']}")
+
+
+if __name__ == "__main__":
+    main()
