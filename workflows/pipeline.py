@@ -74,10 +74,14 @@ def _output(name: str) -> Callable:
 
 
 def _wire_trainer(name: str, data_stage: str, init_stage: str | None) -> Callable:
+    """Input data and init checkpoint from upstream; Ray Train state under the pipeline's folder with a stable
+    run name, so a restarted pipeline resumes a half-finished trainer from its last checkpoint."""
+
     def wire(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        raw = {**raw, "data": done[data_stage]["output"], "output_dir": str(out / name)}
+        raw = {**raw, "data": done[data_stage]["output"], "output_dir": str(out / name / "model")}
         if init_stage is not None:
             raw["init_checkpoint"] = done[init_stage]["model"]
+        raw["run"] = {**raw.get("run", {}), "storage_path": str((out / "ray_results").resolve()), "name": name}
         return raw
 
     return wire
