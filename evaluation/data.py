@@ -79,7 +79,8 @@ def load_beir(folder: str | Path, split: str = "test", name: str | None = None,
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder (expected corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
-    corpus_file, queries_file, qrels_file = folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"
+    corpus_file, queries_file = folder / "corpus.jsonl", folder / "queries.jsonl"
+    qrels_file = folder / "qrels" / f"{split}.tsv"
     for file in (corpus_file, queries_file, qrels_file):
         if not file.is_file():
             raise DataError(f"{file}: missing (a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")

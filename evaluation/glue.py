@@ -135,7 +135,8 @@ def local_folder(data_dir: Path, task: GlueTask) -> Path:
     raise DataError(f"{data_dir / task.folder}: no train.tsv for GLUE {task.name}")
 
 
-def load_task(task: GlueTask, data_dir: str | None, max_train: int | None, max_eval: int | None) -> tuple[Examples, Examples]:
+def load_task(task: GlueTask, data_dir: str | None, max_train: int | None,
+              max_eval: int | None) -> tuple[Examples, Examples]:  # fmt: skip
     if data_dir is not None:
         folder = local_folder(Path(data_dir), task)
         return read_tsv(folder / "train.tsv", task, max_train), read_tsv(folder / task.dev_file, task, max_eval)
@@ -162,7 +163,8 @@ def task_metrics(task: GlueTask, labels: np.ndarray, outputs: np.ndarray) -> dic
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     if task.num_labels == 1:
-        return {"spearman": float(spearmanr(labels, outputs).statistic), "pearson": float(pearsonr(labels, outputs).statistic)}
+        return {"spearman": float(spearmanr(labels, outputs).statistic),
+                "pearson": float(pearsonr(labels, outputs).statistic)}  # fmt: skip
     predictions = outputs.argmax(-1)
     labels = labels.astype(int)
     scores = {"accuracy": float(accuracy_score(labels, predictions))}
@@ -244,12 +246,13 @@ def _run_trials_tune(model_source: str, task: GlueTask, train: Examples, dev: Ex
 
     if not ray.is_initialized():
         ray.init()
-    space = {key: tune.grid_search(sorted({p[key] for p in _sweep_points(config)})) for key in ("batch_size", "lr", "seed")}
+    points = _sweep_points(config)
+    space = {key: tune.grid_search(sorted({p[key] for p in points})) for key in ("batch_size", "lr", "seed")}
     trainable = tune.with_resources(tune.with_parameters(trial, train=train, dev=dev),
                                     {"cpu": config.trial_cpus, "gpu": config.trial_gpus})  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="glue-tune-") as storage:
-        tuner = tune.Tuner(trainable, param_space=space,
-                           run_config=tune.RunConfig(name=f"glue-{task.name}", storage_path=storage, verbose=0))  # fmt: skip
+        run_config = tune.RunConfig(name=f"glue-{task.name}", storage_path=storage, verbose=0)
+        tuner = tune.Tuner(trainable, param_space=space, run_config=run_config)
         grid = tuner.fit()
         if grid.errors:
             raise RuntimeError(f"GLUE {task.name}: {len(grid.errors)} Tune trial(s) failed: {grid.errors[0]}")
@@ -273,7 +276,8 @@ def evaluate_glue(model_source: str, config: GlueConfig) -> tuple[dict[str, floa
         by_point: dict[tuple[int, float], list[dict[str, float]]] = {}
         for point, scores in trials:
             by_point.setdefault((point["batch_size"], point["lr"]), []).append(scores)
-        medians = {key: {m: statistics.median(s[m] for s in runs) for m in task.metrics} for key, runs in by_point.items()}
+        medians = {key: {m: statistics.median(s[m] for s in runs) for m in task.metrics}
+                   for key, runs in by_point.items()}  # fmt: skip
         best = max(medians, key=lambda key: medians[key][task.metrics[0]])
         for metric, value in medians[best].items():
             metrics[f"glue/{task.name}/{metric}"] = value

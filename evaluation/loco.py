@@ -39,8 +39,14 @@ def long_context_encoder(source: str, max_length: int, rotary_scaling_factor: fl
 
 
 def evaluate_loco(source: str, tasks: Sequence[RetrievalData], lengths: Sequence[int],
-                  rotary_scaling_factor: float | None = 2.0, device: str | None = None) -> dict[str, float]:
-    """``loco/<task>/<metric>/<length>`` for every task and length (one model load, re-truncated per length)."""
+                  rotary_scaling_factor: float | None = 2.0, device: str | None = None,
+                  mteb_tasks: Sequence[Any] = ()) -> dict[str, float]:  # fmt: skip
+    """``loco/<task>/<metric>/<length>`` for every task and length (one model load, re-truncated per length).
+
+    ``mteb_tasks``: mteb retrieval tasks run the same way (online, e.g. LongEmbed's ``LEMBQMSumRetrieval``).
+    """
+    from evaluation.mteb_suite import evaluate_mteb
+
     encoder = long_context_encoder(source, max(lengths), rotary_scaling_factor, device)
     metrics: dict[str, float] = {}
     for length in sorted(lengths):
@@ -50,6 +56,11 @@ def evaluate_loco(source: str, tasks: Sequence[RetrievalData], lengths: Sequence
             for metric, value in scores.items():
                 metrics[f"loco/{data.name}/{metric}/{length}"] = value
             log.info("LoCo %s @%d: %s", data.name, length, scores)
+        if mteb_tasks:
+            for name, scores in evaluate_mteb(encoder, mteb_tasks, [(None, False)])[(None, False)].items():
+                for metric in ("main_score", "ndcg_at_10", "recall_at_100", "mrr_at_10"):
+                    if metric in scores:
+                        metrics[f"loco/{name}/{metric}/{length}"] = scores[metric]
     return metrics
 
 

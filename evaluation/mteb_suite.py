@@ -155,7 +155,7 @@ def evaluate_mteb(encoder: TextEncoder, tasks: Sequence[Any], variants: Sequence
         per_task: dict[str, dict[str, float]] = {}
         for task in tasks:
             outcome = mteb.evaluate(model, task, cache=None, show_progress_bar=False,
-                                    encode_kwargs={"batch_size": batch_size})  # fmt: skip
+                                    encode_kwargs={"batch_size": batch_size, "show_progress_bar": False})  # fmt: skip
             for task_result in outcome.task_results:
                 split = "test" if "test" in task_result.scores else next(iter(task_result.scores))
                 subsets = [_flat_scores(s) for s in task_result.scores[split]]

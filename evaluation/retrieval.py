@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 TOP_K = 1000  # what MTEB retrieves per query; nDCG@10 only needs 10 but recall@100 and MRR need depth
 
 
-def search(queries: np.ndarray, corpus: np.ndarray, top_k: int = TOP_K, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def search(queries: np.ndarray, corpus: np.ndarray, top_k: int = TOP_K,
+           chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Exact inner-product top-k (cosine on L2-normalised rows) -> (scores [q, k], indices [q, k])."""
     k = min(top_k, corpus.shape[0])
     docs = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))

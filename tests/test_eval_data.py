@@ -23,7 +23,8 @@ def make_beir(root: Path, corpus: list[dict], queries: list[dict], qrels: list[t
     return root
 
 
-DOCS = [{"_id": "d1", "title": "Rotary", "text": "rotary position embeddings"}, {"_id": "d2", "title": "", "text": "ntk"}]
+DOCS = [{"_id": "d1", "title": "Rotary", "text": "rotary position embeddings"},
+        {"_id": "d2", "title": "", "text": "ntk"}]
 QUERIES = [{"_id": "q1", "text": "what is rope"}, {"_id": "q2", "text": "unjudged"}]
 
 

@@ -34,8 +34,10 @@ def test_metrics_are_the_benchmark_definitions():
     labels = np.array([1, 0, 1, 1])
     logits = np.array([[0, 1], [1, 0], [1, 0], [0, 1]], dtype=float)
     assert task_metrics(task_spec("mrpc"), labels, logits) == pytest.approx({"f1": 0.8, "accuracy": 0.75})
-    assert task_metrics(task_spec("cola"), labels, logits) == pytest.approx({"matthews": 2 / 12**0.5})  # TP 2, TN 1, FN 1
-    assert set(task_metrics(task_spec("sts-b"), np.array([1.0, 2, 3]), np.array([1.0, 3, 2]))) == {"spearman", "pearson"}
+    matthews = 2 / 12**0.5  # TP 2, TN 1, FN 1, FP 0
+    assert task_metrics(task_spec("cola"), labels, logits) == pytest.approx({"matthews": matthews})
+    regression = task_metrics(task_spec("sts-b"), np.array([1.0, 2, 3]), np.array([1.0, 3, 2]))
+    assert set(regression) == {"spearman", "pearson"} and regression["spearman"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="unknown GLUE task 'wnli'"):
         task_spec("wnli")
 
@@ -60,6 +62,7 @@ def test_sweep_as_ray_tune_trials(tiny_mlm, shared_data, ray_session):
     assert set(metrics) == {"glue/stsb/spearman", "glue/stsb/pearson", "glue/avg"}
     assert chosen["glue/stsb/lr"] in (1e-4, 3e-4)
     # the same trial in-process gives the same number (Tune only schedules it)
-    plain, _ = evaluate_glue(str(tiny_mlm), small_recipe(tasks=["stsb"], data_dir=str(shared_data / "glue"),
-                                                         learning_rates=[chosen["glue/stsb/lr"]], seeds=[0]))  # fmt: skip
+    same = small_recipe(tasks=["stsb"], data_dir=str(shared_data / "glue"), learning_rates=[chosen["glue/stsb/lr"]],
+                        seeds=[0])  # fmt: skip
+    plain, _ = evaluate_glue(str(tiny_mlm), same)
     assert plain["glue/stsb/spearman"] == pytest.approx(metrics["glue/stsb/spearman"], abs=1e-4)

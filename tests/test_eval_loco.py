@@ -31,7 +31,8 @@ def tiny_long(tmp_path_factory):
 def two_queries(shared_data, tmp_path_factory):
     """The first QMSum meeting with only two of its queries: two ~10k-token documents."""
     meeting = json.loads((shared_data / "qmsum" / "test.jsonl").open().readline())
-    meeting["general_query_list"], meeting["specific_query_list"] = meeting["general_query_list"][:1], meeting["specific_query_list"][:1]
+    meeting["general_query_list"] = meeting["general_query_list"][:1]
+    meeting["specific_query_list"] = meeting["specific_query_list"][:1]
     folder = tmp_path_factory.mktemp("qmsum2")
     (folder / "test.jsonl").write_text(json.dumps(meeting) + "\n")
     return folder
