@@ -25,7 +25,6 @@ for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", 
                    "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():  # fmt: skip
     os.environ.setdefault(key, value)
 
-import numpy as np
 import pyarrow as pa
 
 from ops.pack import Pack

@@ -99,19 +99,31 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "config") -> T:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """``a.b=3`` sets raw['a']['b'] = 3 (the value parsed as YAML)."""
+    """``a.b=3`` sets raw['a']['b'] = 3 and ``sources.0.path=x`` the first list item's path (values parsed as YAML)."""
     raw = json.loads(json.dumps(raw))  # deep copy
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         dotted, value = item.split("=", 1)
-        node = raw
+        node: Any = raw
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a mapping")
-        node[leaf] = yaml.safe_load(value)
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {part} is not an index of a {len(node)}-item list")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+            else:
+                raise ConfigError(f"override {item!r}: {part} is not a mapping or list")
+        if isinstance(node, list):
+            if not leaf.isdigit() or int(leaf) >= len(node):
+                raise ConfigError(f"override {item!r}: {leaf} is not an index of a {len(node)}-item list")
+            node[int(leaf)] = yaml.safe_load(value)
+        elif isinstance(node, dict):
+            node[leaf] = yaml.safe_load(value)
+        else:
+            raise ConfigError(f"override {item!r}: cannot set {leaf} on a {type(node).__name__}")
     return raw
 
 

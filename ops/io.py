@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import fnmatch
 import json
-import logging
 import posixpath
 import subprocess
 from collections import Counter
@@ -23,7 +22,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STATS_DIR = "_stats"
 TMP_DIR = "_parts"

@@ -99,8 +99,8 @@ def consistency_mask(queries: np.ndarray, documents: np.ndarray, top_k: int = 2,
         raise ValueError(f"queries {queries.shape} and documents {documents.shape} must have the same shape")
     dev = _device(device)
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
-    q = torch.from_numpy(np.ascontiguousarray(queries)).to(dev, dtype)
-    d = torch.from_numpy(np.ascontiguousarray(documents)).to(dev, dtype)
+    q = torch.from_numpy(np.array(queries, dtype=np.float32)).to(dev, dtype)
+    d = torch.from_numpy(np.array(documents, dtype=np.float32)).to(dev, dtype)
     n = len(q)
     block = max(1, SEARCH_BYTES // (4 * max(n, 1)))
     keep = torch.empty(n, dtype=torch.bool, device=dev)
@@ -118,8 +118,8 @@ def topk_search(queries: np.ndarray, corpus: np.ndarray, k: int, device: str | N
 
     dev = _device(device)
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
-    q = torch.from_numpy(np.ascontiguousarray(queries)).to(dev, dtype)
-    c = torch.from_numpy(np.ascontiguousarray(corpus)).to(dev, dtype)
+    q = torch.from_numpy(np.array(queries, dtype=np.float32)).to(dev, dtype)
+    c = torch.from_numpy(np.array(corpus, dtype=np.float32)).to(dev, dtype)
     k = min(k, len(c))
     block = max(1, SEARCH_BYTES // (4 * max(len(c), 1)))
     out = [torch.topk((q[s:s + block] @ c.T).float(), k, dim=1).indices.cpu() for s in range(0, len(q), block)]
