@@ -347,6 +347,21 @@ class SeededOrder:
         return {**batch, "order": key * np.uint64(0xBF58476D1CE4E5B9)}
 
 
+def epoch_datasets(datasets: list[Any]) -> dict[str, Any]:
+    """One Ray dataset per epoch (``epoch_0``, ``epoch_1``...): read one after the other by `global_batches`,
+    each in its own deterministic order (a union would interleave them)."""
+    return {f"epoch_{e}": ds for e, ds in enumerate(datasets)}
+
+
+def global_batches(num_epochs: int, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Inside a Ray Train worker: the full global batches of every epoch's dataset shard, in order."""
+    import ray.train
+
+    for epoch in range(num_epochs):
+        shard = ray.train.get_dataset_shard(f"epoch_{epoch}")
+        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True)
+
+
 def ray_data_setup() -> None:
     """Attach to Ray (a job's cluster or a new local one) and quiet Ray Data."""
     import ray
@@ -424,9 +439,10 @@ def export_final(checkpoint_dir: Path, output_dir: str, kind: str) -> Path:
     return atomic_folder(Path(output_dir), write)
 
 
-def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: dict[str, Any], total_steps: int,
+def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: list[Any], total_steps: int,
         kind: str, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run ``loop`` on ``config.run.num_workers`` Ray Train workers (DDP), export the final model, log it.
+    """Run ``loop`` on ``config.run.num_workers`` Ray Train workers (DDP) over the per-epoch ``datasets``, export
+    the final model, log it.
 
     Returns ``{"stage", "model" (the exported folder), "checkpoint" (Ray's last checkpoint), "steps", "metrics",
     "mlflow_run_id"}``.
@@ -446,6 +462,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: dict[str
         trainer = TorchTrainer(
             loop,
             train_loop_config={"config": to_dict(config), "total_steps": total_steps, "mlflow": mlrun,
+                               "num_epochs": len(datasets),
                                **(extra_loop_config or {})},
             scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                                    resources_per_worker=resources),  # fmt: skip
@@ -455,7 +472,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: dict[str
                 failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
             ),
-            datasets=datasets,
+            datasets=epoch_datasets(datasets),
             # every worker reads the same ordered stream and keeps its slice of each global batch (exact resume)
             dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ordered),
         )

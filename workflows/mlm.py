@@ -159,20 +159,17 @@ def rank_slices(global_batches: Iterable[dict[str, np.ndarray]], rank: int, worl
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
-    import ray.train
-
     from ops.config import from_dict
 
     cfg = from_dict(MLMConfig, loop_config["config"])
     session = Session.from_ray()
-    shard = ray.train.get_dataset_shard("train")
-    global_batches = shard.iter_batches(batch_size=cfg.global_batch, batch_format="numpy", drop_last=True)
-    batches = rank_slices(global_batches, session.rank, session.world_size)
+    batches = rank_slices(common.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
+                          session.world_size)  # fmt: skip
     return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
 
 
 def build_dataset(cfg: MLMConfig):
-    """Masked rows for all epochs back to back, each epoch in its own seeded order -> (dataset, total steps)."""
+    """One dataset of masked rows per epoch, each in its own seeded order -> (datasets, total steps)."""
     import ray
 
     from ops.io import join, list_files
@@ -190,14 +187,14 @@ def build_dataset(cfg: MLMConfig):
         if cfg.shuffle:
             ds = ds.map_batches(common.SeededOrder(cfg.run.seed, epoch), batch_format="numpy").sort("order")
         epochs.append(ds.map_batches(MaskTokens(cfg.mlm_probability, cfg.run.seed, epoch), batch_format="numpy"))
-    return (epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]), total
+    return epochs, total
 
 
 def run(config: MLMConfig) -> dict[str, Any]:
     """Train and export; returns {"model": output folder, "checkpoint", "steps", "metrics", "mlflow_run_id"}."""
     common.ray_data_setup()
-    dataset, total_steps = build_dataset(config)
-    return common.fit("mlm", config, train_loop_per_worker, {"train": dataset}, total_steps, kind="mlm")
+    datasets, total_steps = build_dataset(config)
+    return common.fit("mlm", config, train_loop_per_worker, datasets, total_steps, kind="mlm")
 
 
 def main(argv: list[str] | None = None) -> None:

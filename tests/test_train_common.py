@@ -1,0 +1,88 @@
+"""Shared training pieces: optimizer groups, schedule, atomic checkpoints, config errors, and the NaN guard of a
+loop run without Ray (as the GPU benchmarks call it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from train_helpers import make_mlm_data, stage_config
+
+from nomicbert.checkpoint import load_model
+from nomicbert.config import tiny
+from nomicbert.model import NomicBertForPreTraining
+from ops.mask import MaskTokens
+from workflows import common, mlm
+
+
+def test_every_parameter_is_in_exactly_one_group():
+    model = NomicBertForPreTraining(tiny())
+    groups = common.param_groups(model, weight_decay=1e-5)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
+    decay, no_decay = ({id(p) for p in g["params"]} for g in groups)
+    assert id(model.bert.embeddings.word_embeddings.weight) in decay  # tied with the decoder, listed once
+    assert id(model.bert.emb_ln.weight) in no_decay and id(model.bert.emb_ln.bias) in no_decay
+    assert groups[0]["weight_decay"] == 1e-5 and groups[1]["weight_decay"] == 0.0
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    cfg = common.OptimConfig(lr=1.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.06,
+                             schedule="linear", max_grad_norm=0.0)  # fmt: skip
+    f = common.lr_lambda(cfg, 100)
+    assert [round(f(s), 3) for s in (0, 5, 6, 53)] == [0.167, 1.0, 1.0, 0.5] and f(100) == 0.0
+    cosine = common.lr_lambda(common.OptimConfig(**{**cfg.__dict__, "schedule": "cosine"}), 100)
+    assert cosine(6) == 1.0 and abs(cosine(53) - 0.5) < 1e-9 and cosine(100) == 0.0
+    with pytest.raises(ValueError, match="not both"):
+        common.OptimConfig(**{**cfg.__dict__, "warmup_steps": 10})
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "step-00000002"
+    common.atomic_folder(target, lambda f: (f / "model.safetensors").write_text("good"))
+
+    def crash(folder):
+        (folder / "model.safetensors").write_text("half")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_folder(target, crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_folder(tmp_path / "step-00000004", crash)
+    assert (target / "model.safetensors").read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]  # no partial or temp folder
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="bf16 needs run.use_gpu"):
+        stage_config(mlm.MLMConfig, "mlm", tmp_path, **{"run.precision": "bf16"})
+    with pytest.raises(ValueError, match="multiple of workers"):
+        stage_config(mlm.MLMConfig, "mlm", tmp_path, global_batch=10, micro_batch=4)
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['fault_step'\]"):
+        from ops.config import load_config, read_yaml
+
+        raw = read_yaml(mlm.__file__.replace("mlm.py", "configs/mlm.yaml"))
+        del raw["run"]["fault_step"]
+        load_config(mlm.MLMConfig, raw=raw)
+
+
+def test_nan_loss_stops_without_ray_and_keeps_the_last_good_checkpoint(tmp_path, shared_data):
+    """The loop as a plain function (no Ray): an absurd LR drives the loss to inf/NaN within a few steps."""
+    data = make_mlm_data(shared_data, tmp_path / "mlm-data", rows=16, row_length=32)
+    cfg = stage_config(mlm.MLMConfig, "mlm", tmp_path, data=str(data), output_dir=str(tmp_path / "out"), model="tiny",
+                       model_overrides={}, global_batch=2, micro_batch=2, max_steps=0,
+                       **{"optim.lr": 1e30, "optim.warmup_ratio": 0.0, "run.checkpoint_every": 1})  # fmt: skip
+    table = pq.read_table(sorted(data.glob("part-*.parquet"))).to_pydict()
+    doc_lengths = np.empty(len(table["row_id"]), dtype=object)
+    doc_lengths[:] = table.pop("doc_lengths")  # ragged lists, as Ray Data hands them over
+    rows = MaskTokens(0.3, seed=0)({**{k: np.array(v) for k, v in table.items()}, "doc_lengths": doc_lengths})
+    batches = ({k: v[i : i + 2] for k, v in rows.items()} for i in range(0, 16, 2))
+    session = common.Session.local(tmp_path / "checkpoints", device="cpu")
+    with pytest.raises(common.NonFiniteLossError, match="the last good one is kept") as err:
+        mlm.train(cfg, batches, session, total_steps=8)
+    failed_step = int(str(err.value).split("at step ")[1].split(";")[0])
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert failed_step > 1 and saved[-1] == f"step-{failed_step - 1:08d}", saved
+    model = load_model(tmp_path / "checkpoints" / saved[-1], kind="mlm")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
