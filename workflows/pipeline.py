@@ -212,6 +212,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
             stage_cfg = stage_config(stage, ref, out, done)
             fingerprints[stage.name] = fingerprint({"config": dataclasses.asdict(stage_cfg),
                                                     "upstream": {r: fingerprints.get(r) for r in stage.reads}})  # fmt: skip
+            if hasattr(stage_cfg, "run") and hasattr(stage_cfg.run, "name"):
+                # same config after a crash: Ray Train resumes this run; a changed config starts a fresh one
+                stage_cfg.run.name = f"{stage.name}-{fingerprints[stage.name]}"
             previous = state["stages"].get(stage.name, {})
             if previous.get("status") == "finished" and previous.get("fingerprint") == fingerprints[stage.name]:
                 print(f"[pipeline] {stage.name}: finished earlier (fingerprint {fingerprints[stage.name]}), skipped")
