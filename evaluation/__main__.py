@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("nothing to evaluate: give --suite, --beir, --sts, --glue, --loco or --jina")
     try:
         metrics = run(config)
-    except DataError as err:
+    except (DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(metrics, {config.model: metrics}))

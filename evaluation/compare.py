@@ -15,10 +15,8 @@ from evaluation.report import format_table, tracking_uri
 def collect(run_ids: Sequence[str] = (), experiment: str | None = None,
             prefix: str = "") -> dict[str, dict[str, float]]:  # fmt: skip
     """{column label (run name + short id): {metric: value}} for the given runs, or every run of ``experiment``."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     runs = [client.get_run(run_id) for run_id in run_ids]
     if experiment is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import logging
 import re
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -12,13 +12,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _MRL = re.compile(r"^mrl/(?P<dim>\d+|binary)/(?P<name>.+)$")
 _LOCO = re.compile(r"^(?P<name>(?:loco|jina)/.+)/(?P<length>\d+)$")
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """``MLFLOW_TRACKING_URI``, else MLflow's own default (``sqlite:///mlflow.db`` in the working directory).
+
+    Never set globally here: a caller's active run (the pipeline's) must stay on the store it was started in.
+    """
+    import mlflow
+
+    return mlflow.get_tracking_uri() or DEFAULT_TRACKING_URI
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -45,7 +53,6 @@ def mlflow_run(experiment: str, run_name: str | None, run_id: str | None = None)
     """The active run if there is one (a pipeline's child run), ``run_id`` if given, else a new run."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
     active = mlflow.active_run()
     if active is not None and (run_id is None or active.info.run_id == run_id):
         yield active
@@ -145,11 +152,19 @@ def plot_lengths(metrics: Mapping[str, float], file: Path) -> bool:
 
 
 def log_results(metrics: Mapping[str, float], params: Mapping[str, Any], full_dim: int) -> None:
-    """Metrics, params (values clipped to MLflow's 6000 chars), the summary table/JSON and plots to the active run."""
+    """Metrics, params (values clipped to MLflow's 6000 chars), the summary table/JSON and plots to the active run.
+
+    MLflow params are write-once: a param the run already has (a second evaluation in one pipeline run) is kept,
+    and a differing value is only warned about.
+    """
     import mlflow
 
     mlflow.log_metrics(dict(metrics))
-    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    fresh = {k: str(v)[:6000] for k, v in params.items()}
+    for key in sorted(k for k in fresh if k in existing and existing[k] != fresh[k]):
+        log.warning("MLflow param %s already %r in this run; not overwritten with %r", key, existing[key], fresh[key])
+    mlflow.log_params({k: v for k, v in fresh.items() if k not in existing})
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
         (out / "summary.md").write_text(format_table(metrics) + "\n")

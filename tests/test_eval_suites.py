@@ -101,3 +101,17 @@ def test_encoders_dispatch_and_ray_data_matches_in_process(tiny_checkpoint, mini
     np.testing.assert_allclose(distributed, local, atol=1e-5)
     # the prefix matters: documents and queries are encoded differently
     assert not np.allclose(encoder.raw(texts[:2], "search_query"), local[:2])
+
+
+def test_logs_into_the_active_run_of_a_pipeline(tiny_checkpoint, shared_data, mlflow_uri):
+    import mlflow
+
+    from evaluation.report import experiment_id
+
+    with mlflow.start_run(experiment_id=experiment_id("pipeline"), run_name="evaluate") as stage:
+        run(EvalConfig(model=str(tiny_checkpoint), sts=[str(shared_data / "stsb" / "test.tsv")], limit=10))
+        run(EvalConfig(model=str(tiny_checkpoint), beir=[str(shared_data / "scifact")], limit=3))  # same params again
+    logged = mlflow.get_run(stage.info.run_id).data
+    assert {"sts/stsb/spearman", "beir/scifact/ndcg_at_10"} <= set(logged.metrics)
+    assert logged.params["model"] == str(tiny_checkpoint)
+    assert mlflow.get_experiment_by_name("evaluation") is None  # nothing went to a run of its own
