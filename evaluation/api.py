@@ -206,7 +206,7 @@ def run(config: EvalConfig) -> dict[str, float]:
 
             online = [mteb.get_task(item[len("mteb:") :]) for item in config.loco if item.startswith("mteb:")]
         metrics.update(evaluate_loco(config.model, tasks, config.loco_lengths, config.rotary_scaling_factor,
-                                     config.device, mteb_tasks=online))  # fmt: skip
+                                     config.device, mteb_tasks=online, dims=config.dims))  # fmt: skip
     if config.jina:
         from evaluation.loco import evaluate_jina
 

@@ -40,22 +40,25 @@ def long_context_encoder(source: str, max_length: int, rotary_scaling_factor: fl
 
 def evaluate_loco(source: str, tasks: Sequence[RetrievalData], lengths: Sequence[int],
                   rotary_scaling_factor: float | None = 2.0, device: str | None = None,
-                  mteb_tasks: Sequence[Any] = ()) -> dict[str, float]:  # fmt: skip
-    """``loco/<task>/<metric>/<length>`` for every task and length (one model load, re-truncated per length).
+                  mteb_tasks: Sequence[Any] = (), dims: Sequence[str] = ()) -> dict[str, float]:  # fmt: skip
+    """``loco/<task>/<metric>/<length>`` for every task and length (one model load, re-truncated per length),
+    and ``mrl/<dim|binary>/loco/...`` for the ``dims`` sweep of the local tasks.
 
     ``mteb_tasks``: mteb retrieval tasks run the same way (online, e.g. LongEmbed's ``LEMBQMSumRetrieval``).
     """
+    from evaluation.api import parse_dims, variant_prefix
     from evaluation.mteb_suite import evaluate_mteb
 
     encoder = long_context_encoder(source, max(lengths), rotary_scaling_factor, device)
+    variants = [(None, False)] + parse_dims(list(dims), encoder.hidden_size)
     metrics: dict[str, float] = {}
     for length in sorted(lengths):
         encoder.set_max_length(length)
         for data in tasks:
-            scores = evaluate_retrieval(encoder, data, [(None, False)])[(None, False)]
-            for metric, value in scores.items():
-                metrics[f"loco/{data.name}/{metric}/{length}"] = value
-            log.info("LoCo %s @%d: %s", data.name, length, scores)
+            for variant, scores in evaluate_retrieval(encoder, data, variants).items():
+                for metric, value in scores.items():
+                    metrics[f"{variant_prefix(variant)}loco/{data.name}/{metric}/{length}"] = value
+            log.info("LoCo %s @%d: nDCG@10 %.4f", data.name, length, metrics[f"loco/{data.name}/ndcg_at_10/{length}"])
         if mteb_tasks:
             for name, scores in evaluate_mteb(encoder, mteb_tasks, [(None, False)])[(None, False)].items():
                 for metric in ("main_score", "ndcg_at_10", "recall_at_100", "mrr_at_10"):

@@ -103,11 +103,11 @@ def plot_dims(metrics: Mapping[str, float], full_dim: int, file: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in sorted(series.items()):
-        if name in metrics:
+        if name in metrics and full_dim > 0:
             points = {**points, full_dim: metrics[name]}
         dims = sorted(points)
         (line,) = ax.plot(dims, [points[d] for d in dims], marker="o", label=name)
-        if name in binary:
+        if name in binary and full_dim > 0:
             ax.scatter([full_dim], [binary[name]], marker="x", color=line.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xlabel("embedding dimension (x = binary at full dim)")

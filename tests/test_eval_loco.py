@@ -61,7 +61,8 @@ def test_loco_suite_logs_each_length(tiny_long, two_queries, mlflow_uri):
     import mlflow
 
     metrics = run(EvalConfig(model=str(tiny_long), loco=[str(two_queries)], loco_lengths=[2048, 8192],
-                             experiment="loco-test"))  # fmt: skip
+                             dims=["binary"], experiment="loco-test"))  # fmt: skip
+    assert f"mrl/binary/loco/{two_queries.name}/ndcg_at_10/8192" in metrics
     name = two_queries.name
     for length in (2048, 8192):
         for metric in ("ndcg_at_10", "recall_at_100", "mrr_at_10"):
