@@ -160,18 +160,18 @@ def task_metrics(task: GlueTask, labels: np.ndarray, outputs: np.ndarray) -> dic
     """The metrics GLUE defines for the task (Matthews for CoLA, F1+accuracy for MRPC/QQP, Pearson/Spearman
     for STS-B, accuracy otherwise)."""
     from scipy.stats import pearsonr, spearmanr
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
     if task.num_labels == 1:
         return {"spearman": float(spearmanr(labels, outputs).statistic),
                 "pearson": float(pearsonr(labels, outputs).statistic)}  # fmt: skip
     predictions = outputs.argmax(-1)
     labels = labels.astype(int)
-    scores = {"accuracy": float(accuracy_score(labels, predictions))}
-    if "f1" in task.metrics:
-        scores["f1"] = float(f1_score(labels, predictions))
-    if "matthews" in task.metrics:
-        scores["matthews"] = float(matthews_corrcoef(labels, predictions))
+    scores = {"accuracy": float((predictions == labels).mean())}
+    tp, tn = float(((predictions == 1) & (labels == 1)).sum()), float(((predictions == 0) & (labels == 0)).sum())
+    fp, fn = float(((predictions == 1) & (labels == 0)).sum()), float(((predictions == 0) & (labels == 1)).sum())
+    scores["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0  # positive class 1, as GLUE's MRPC/QQP F1
+    denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    scores["matthews"] = (tp * tn - fp * fn) / denominator if denominator else 0.0
     return {k: scores[k] for k in task.metrics}
 
 
