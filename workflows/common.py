@@ -396,7 +396,7 @@ def mlflow_run(stage: str, config: Any, settings: MlflowSettings) -> Iterator[di
 
     from ops.config import flatten
 
-    uri = mlflow.get_tracking_uri()
+    uri = tracking_uri()
     active = mlflow.active_run()
     if active is not None:
         yield {"run_id": active.info.run_id, "tracking_uri": uri}
@@ -439,6 +439,32 @@ def export_final(checkpoint_dir: Path, output_dir: str, kind: str) -> Path:
     return atomic_folder(Path(output_dir), write)
 
 
+def absolute_paths(config: Any) -> Any:
+    """Local paths made absolute in the driver: Ray workers need not share its working directory."""
+    import dataclasses
+
+    def fix(value: str | None, must_exist: bool = False) -> str | None:
+        if value is None or "://" in value or (must_exist and not Path(value).exists()):
+            return value
+        return str(Path(value).resolve())
+
+    changes = {k: fix(getattr(config, k)) for k in ("data", "output_dir", "init_checkpoint") if hasattr(config, k)}
+    if hasattr(config, "model"):
+        changes["model"] = fix(config.model, must_exist=True)
+    run = dataclasses.replace(config.run, row_log=fix(config.run.row_log))
+    return dataclasses.replace(config, **changes, run=run)
+
+
+def tracking_uri() -> str:
+    """MLflow's tracking URI with a relative sqlite path made absolute (workers run elsewhere)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
 def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: list[Any], total_steps: int,
         kind: str, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run ``loop`` on ``config.run.num_workers`` Ray Train workers (DDP) over the per-epoch ``datasets``, export
@@ -453,6 +479,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: list[Any
 
     from ops.config import to_dict
 
+    config = absolute_paths(config)
     run = config.run
     ordered = ray.train.DataConfig.default_ingest_options()
     ordered.preserve_order = True
