@@ -55,7 +55,8 @@ def list_files(pattern: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     parent, name = posixpath.split(path)
     if any(ch in name for ch in "*?["):
         infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
-        found = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(posixpath.basename(i.path), name)]
+        found = [i.path for i in infos
+                 if i.type == pafs.FileType.File and fnmatch.fnmatch(posixpath.basename(i.path), name)]  # fmt: skip
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
@@ -63,12 +64,13 @@ def list_files(pattern: str, suffixes: tuple[str, ...] = ()) -> list[str]:
         if info.type == pafs.FileType.File:
             return [prefix + path]
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        found = [i.path for i in infos if i.type == pafs.FileType.File
-                 and not any(part.startswith((".", "_")) for part in posixpath.relpath(i.path, path).split("/"))]  # fmt: skip
+        hidden = [any(p.startswith((".", "_")) for p in posixpath.relpath(i.path, path).split("/")) for i in infos]
+        found = [i.path for i, skip in zip(infos, hidden, strict=True) if i.type == pafs.FileType.File and not skip]
         if suffixes:
             found = [f for f in found if f.endswith(suffixes)]
     if not found:
-        raise DataError(f"no input files match {pattern}" + (f" (looked for {', '.join(suffixes)})" if suffixes else ""))
+        looked = f" (looked for {', '.join(suffixes)})" if suffixes else ""
+        raise DataError(f"no input files match {pattern}{looked}")
     return [prefix + f for f in sorted(found)]
 
 

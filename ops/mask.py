@@ -28,11 +28,13 @@ class MaskTokens:
     """
 
     def __init__(self, mlm_probability: float = 0.3, seed: int = 0, epoch: int = 0, mask_id: int = MASK_ID,
-                 vocab_size: int = VOCAB_SIZE, mask_fraction: float = 0.8, random_fraction: float = 0.1) -> None:  # fmt: skip
+                 vocab_size: int = VOCAB_SIZE, mask_fraction: float = 0.8,
+                 random_fraction: float = 0.1) -> None:  # fmt: skip
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         if mask_fraction < 0 or random_fraction < 0 or mask_fraction + random_fraction > 1:
-            raise ValueError(f"mask_fraction {mask_fraction} + random_fraction {random_fraction} must be within [0, 1]")
+            raise ValueError(f"mask_fraction {mask_fraction} + random_fraction {random_fraction} "
+                             "must be within [0, 1]")  # fmt: skip
         if seed < 0 or epoch < 0:
             raise ValueError(f"seed and epoch must be non-negative, got seed={seed} epoch={epoch}")
         self.p, self.seed, self.epoch = mlm_probability, seed, epoch

@@ -80,8 +80,10 @@ def mine(table: pa.Table, config: MineNegativesConfig) -> tuple[pa.Table, dict[s
         c_emb = emb[offset: offset + len(corpus)]
         offset += len(corpus)
         top = ray.get(search.remote(q_emb[rows], c_emb, config.candidates))
-        picked, topped_up[s] = select_negatives(top, corpus, [queries[i] for i in rows], [golds[(s, queries[i])] for i in rows],
-                                                config.num_negatives, config.seed, [keys[i] for i in rows])  # fmt: skip
+        row_queries, row_keys = [queries[i] for i in rows], [keys[i] for i in rows]
+        row_golds = [golds[(s, q)] for q in row_queries]
+        picked, topped_up[s] = select_negatives(top, corpus, row_queries, row_golds, config.num_negatives,
+                                                config.seed, row_keys)  # fmt: skip
         for i, negs in zip(rows, picked, strict=True):
             negatives[i] = negs
     out = table.select([c for c in PAIR_COLUMNS if c in table.column_names])
@@ -115,7 +117,8 @@ def run(config: MineNegativesConfig) -> dict:
 def main() -> None:
     setup_logging()
     summary = run(cli(MineNegativesConfig, "Mine teacher hard negatives for supervised pairs, write triplets/"))
-    print(json.dumps({k: summary[k] for k in ("rows_in", "rows_out", "dropped_by_reason", "rows_per_source")}, indent=2))
+    keys = ("rows_in", "rows_out", "dropped_by_reason", "rows_per_source")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
 
 
 if __name__ == "__main__":

@@ -88,14 +88,16 @@ def run(config: MlmDataConfig) -> dict:
         "row_length": config.row_length, "packing": packing, "tokenizer": tokenizer,
         "config_fingerprint": fingerprint(config), "config": to_dict(config), "input_files": len(plans)})  # fmt: skip
     log.info("mlm-data: %d documents in, %d rows of %d out, dropped %s, remainder tokens dropped %d",
-             stats["rows_in"], rows_out, config.row_length, stats["dropped_by_reason"], packing["tokens_dropped_remainder"])
+             stats["rows_in"], rows_out, config.row_length, stats["dropped_by_reason"],
+             packing["tokens_dropped_remainder"])
     return manifest
 
 
 def main() -> None:
     setup_logging()
     summary = run(cli(MlmDataConfig, "Tokenize and pack raw text into fixed-length MLM rows"))
-    print(json.dumps({k: summary[k] for k in ("rows_in", "rows_out", "dropped_by_reason", "rows_per_source")}, indent=2))
+    keys = ("rows_in", "rows_out", "dropped_by_reason", "rows_per_source")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
 
 
 if __name__ == "__main__":

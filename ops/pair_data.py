@@ -185,7 +185,8 @@ def run(config: PairDataConfig) -> dict:
 def main() -> None:
     setup_logging()
     summary = run(cli(PairDataConfig, "Normalise pair sources, attach prefixes, consistency-filter, write pairs/"))
-    print(json.dumps({k: summary[k] for k in ("rows_in", "rows_out", "dropped_by_reason", "rows_per_source")}, indent=2))
+    keys = ("rows_in", "rows_out", "dropped_by_reason", "rows_per_source")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ class AddPrefixes:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = dict(batch)
         qp, dp = batch["query_prefix"], batch["document_prefix"]
-        batch["query"] = np.array([with_prefixes(str(t), str(p)) for t, p in zip(batch["query"], qp, strict=True)])
-        batch["document"] = np.array([with_prefixes(str(t), str(p)) for t, p in zip(batch["document"], dp, strict=True)])
+        for column, prefixes in (("query", qp), ("document", dp)):
+            pairs = zip(batch[column], prefixes, strict=True)
+            batch[column] = np.array([with_prefixes(str(t), str(p)) for t, p in pairs])
         if "negatives" in batch:
             negs = np.empty(len(dp), dtype=object)
             negs[:] = [with_prefixes(list(n), str(p)) for n, p in zip(batch["negatives"], dp, strict=True)]
@@ -150,6 +151,7 @@ def single_source_batches(ds, global_batch: int, seed: int = 42, weights: dict[s
         batch_index[members] = np.asarray(slots.get(name, []), dtype=np.int64)[local // global_batch]
         batch_position[members] = local % global_batch
     log.info("single_source_batches: %d global batches of %d; remainder rows dropped per source %s; "
-             "left out by weight 0 %s", len(plan.order), global_batch, plan.dropped_remainder, plan.dropped_weight_zero)
+             "left out by weight 0 %s", len(plan.order), global_batch, plan.dropped_remainder,
+             plan.dropped_weight_zero)
     return ds.map_batches(_AssignBatches(row_ids, batch_index, batch_position), batch_format="pyarrow").sort(
         ["batch_index", "batch_position"])

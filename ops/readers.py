@@ -5,8 +5,8 @@ One Ray task reads one input file and streams it in blocks, so a bad row is know
 passed on: they go to ``quarantine/`` with their reason, and every file leaves its counts in ``_stats/``
 (see `ops.io`). Wrong paths and wrong column names raise `DataError` in `preflight`, before any work starts.
 
-Output columns: ``source``, ``file``, ``line``, ``key`` (int64, unique per row) and the fields asked for (``text``; or ``query``, ``document`` and
-``negatives`` for pairs).
+Output columns: ``source``, ``file``, ``line``, ``key`` (int64, unique per row) and the fields asked for
+(``text``; or ``query``, ``document`` and ``negatives`` for pairs).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst")
 PREVIEW_CHARS = 1000
 READ_BYTES = 16 * 2**20
 KEY_SHIFT = 40  # a row's ``key`` = file sequence number << 40 | line: unique across all sources
+Record = tuple[int, dict[str, Any] | None, str | None, str]  # (location, raw record, reason, preview)
 
 
 @dataclass
@@ -203,7 +204,7 @@ def _decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), False
 
 
-def _text_records(file: str, doc_split: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None, str]]:
+def _text_records(file: str, doc_split: str) -> Iterator[Record]:
     """Yield (line, record, reason, preview) per document of a plain-text file."""
     if doc_split == "file":
         lines = list(_iter_lines(file))
@@ -235,7 +236,7 @@ def _text_records(file: str, doc_split: str) -> Iterator[tuple[int, dict[str, An
         yield start, {"text": doc}, None if ok else "not_utf8", doc[:PREVIEW_CHARS]
 
 
-def _json_records(file: str) -> Iterator[tuple[int, dict[str, Any] | None, str | None, str]]:
+def _json_records(file: str) -> Iterator[Record]:
     for number, raw in _iter_lines(file):
         text, ok = _decode(raw)
         if not ok:
@@ -255,7 +256,7 @@ def _json_records(file: str) -> Iterator[tuple[int, dict[str, Any] | None, str |
         yield number, record, None, ""
 
 
-def _table_records(file: str, fmt: str, columns: list[str]) -> Iterator[tuple[int, dict[str, Any] | None, str | None, str]]:
+def _table_records(file: str, fmt: str, columns: list[str]) -> Iterator[Record]:
     fs, path = io.resolve(file)
     row = 0
     if fmt == "parquet":
@@ -276,7 +277,8 @@ def _table_records(file: str, fmt: str, columns: list[str]) -> Iterator[tuple[in
                 row += 1
 
 
-def _validate(record: dict[str, Any], cols: dict[str, str], max_chars: int) -> tuple[dict[str, Any] | None, str | None]:
+def _validate(record: dict[str, Any], cols: dict[str, str], max_chars: int
+              ) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
     """Raw record -> (row of output fields, None) or (None, reason)."""
     out: dict[str, Any] = {}
     for field, column in cols.items():

@@ -87,7 +87,8 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def consistency_mask(queries: np.ndarray, documents: np.ndarray, top_k: int = 2, device: str | None = None) -> np.ndarray:
+def consistency_mask(queries: np.ndarray, documents: np.ndarray, top_k: int = 2,
+                     device: str | None = None) -> np.ndarray:  # fmt: skip
     """Pair i is kept iff document i is in query i's top-k among all documents of the chunk.
 
     Ties count for the pair: it is in the top-k when fewer than k documents score strictly higher, which is
@@ -134,7 +135,8 @@ def remote(fn, num_gpus: float):
 
 
 def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Sequence[str],
-                     golds: Sequence[Collection[str]], n: int, seed: int, row_keys: Sequence[int]) -> tuple[list[list[str]], int]:  # fmt: skip
+                     golds: Sequence[Collection[str]], n: int, seed: int,
+                     row_keys: Sequence[int]) -> tuple[list[list[str]], int]:  # fmt: skip
     """Per query: drop its gold documents (every positive of that query text) and any text equal to the query
     from its teacher top-k, sample ``n``
     at random, top up with random corpus documents when fewer remain. Seeded per row (seed, row key).

@@ -42,9 +42,9 @@ class Tokenize:
         texts = batch.column(self.text_column).to_pylist()
         encodings = backend_tokenizer(self.tokenizer).encode_batch(texts, add_special_tokens=True)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        ids = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings]) if encodings else np.zeros(0, np.int32)
-        special = (np.concatenate([np.asarray(e.special_tokens_mask, dtype=np.int8) for e in encodings])
-                   if encodings else np.zeros(0, np.int8))  # fmt: skip
+        ids = np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings] or [np.zeros(0, np.int32)])
+        special = np.concatenate([np.asarray(e.special_tokens_mask, dtype=np.int8) for e in encodings]
+                                 or [np.zeros(0, np.int8)])  # fmt: skip
         columns = {"input_ids": list_array(ids, lengths), "special_tokens_mask": list_array(special, lengths)}
         for keep in ("source", "file", "line"):
             if keep in batch.column_names:

@@ -1,4 +1,5 @@
-"""ops MLM path on the real corpus with a real local Ray: read -> tokenize -> pack -> mlm-data/, masking, quarantine."""
+"""ops MLM path on the real corpus with a real local Ray: read -> tokenize -> pack -> mlm-data/, masking and
+quarantine."""
 
 from __future__ import annotations
 
