@@ -187,15 +187,18 @@ class Session:
     def __init__(self, rank: int, world_size: int, device: torch.device, checkpoint_root: Path | None):
         self.rank, self.world_size, self.device = rank, world_size, device
         self.checkpoint_root = checkpoint_root  # local mode only
-        self.attempt_marker: Path | None = None
+        self.staging: Path | None = None  # where rank 0 writes a checkpoint before Ray takes it
 
     @classmethod
-    def from_ray(cls) -> Session:
+    def from_ray(cls, run: RunSettings) -> Session:
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
-        return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), None)
+        session = cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), None)
+        if "://" not in run.storage_path:  # stage checkpoints beside the run, not in /tmp (num_workers=0 keeps them)
+            session.staging = Path(run.storage_path) / run.name / "staging"
+        return session
 
     @classmethod
     def local(cls, checkpoint_root: str | os.PathLike, device: str | torch.device | None = None) -> Session:
@@ -236,7 +239,9 @@ class Session:
 
             checkpoint = None
             if self.rank == 0:  # Ray uploads it to storage and deletes the local copy (kept in num_workers=0 mode)
-                folder = atomic_folder(Path(tempfile.mkdtemp(prefix="nomic-ckpt-")) / "checkpoint", write)
+                if self.staging is not None:
+                    self.staging.mkdir(parents=True, exist_ok=True)
+                folder = atomic_folder(Path(tempfile.mkdtemp(prefix="ckpt-", dir=self.staging)) / "checkpoint", write)
                 checkpoint = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{step:08d}",
                              delete_local_checkpoint_after_upload=True)

@@ -203,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
 
     cls = getattr(importlib.import_module(loop_config["module"]), loop_config["config_class"])
     cfg = from_dict(cls, loop_config["config"])
-    session = Session.from_ray()
+    session = Session.from_ray(cfg.run)
     batches = rank_slices(common.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
                           session.world_size)  # fmt: skip
     return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])

@@ -162,7 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     from ops.config import from_dict
 
     cfg = from_dict(MLMConfig, loop_config["config"])
-    session = Session.from_ray()
+    session = Session.from_ray(cfg.run)
     batches = rank_slices(common.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
                           session.world_size)  # fmt: skip
     return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
