@@ -168,7 +168,7 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
             loss = loss_fn(pooled[: len(q_ids)], pooled[len(q_ids) :])
             loss.backward()
         norm = common.grad_norm(model, cfg.optim.max_grad_norm)
-        (loss_value,) = common.all_reduce_sum([float(loss) / session.world_size], session.device)
+        (loss_value,) = common.all_reduce_sum([loss.item() / session.world_size], session.device)
         common.check_finite(loss_value, step + 1)
         lr = sched.get_last_lr()[0]
         optimizer.step()
