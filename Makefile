@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel lying on this machine's disk; elsewhere pip takes the CUDA build that fits.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo clean mlflow-ui
 
 venv: $(VENV)/.installed
 
@@ -24,3 +24,8 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The MLflow tracking server and UI over the demo's store (sqlite backend, artifacts on disk).
+mlflow-ui: venv
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000

@@ -36,7 +36,8 @@ def test_valid_config_with_overrides():
     ({"name": "x", "inner": {"a": 1}, "lrr": 1}, [], "unknown key(s) ['lrr']"),
     ({"name": "x", "inner": {"a": 1, "b": 2}}, [], "Outer.inner: unknown key(s) ['b']"),
     ({"name": "x", "inner": {"a": "one"}}, [], "Outer.inner.a: expected int"),
-    ({"name": "x", "inner": {"a": 1}}, ["items.0.a=1"], "0 is not an index of a 0-item list"),
+    ({"name": "x", "inner": {"a": 1}, "items": []}, ["items.0.a=1"], "0 is not an index of a 0-item list"),
+    ({"name": "x", "inner": {"a": 1}}, ["items.0.a=1"], "Outer.items: expected a list"),
     ({"name": "x", "inner": {"a": 1}}, ["lr"], "not key=value"),
 ])  # fmt: skip
 def test_bad_configs_name_the_problem(raw, overrides, message):
@@ -63,6 +64,7 @@ def test_every_shipped_yaml_config_loads():
     from ops.mine_negatives import MineNegativesConfig
     from ops.mlm_data import MlmDataConfig
     from ops.pair_data import PairDataConfig
+    from workflows.ablate import AblateConfig
     from workflows.contrastive import ContrastiveConfig
     from workflows.evaluate import EvaluateConfig
     from workflows.finetune import FinetuneConfig
@@ -72,7 +74,7 @@ def test_every_shipped_yaml_config_loads():
 
     classes = {"mlm_data": MlmDataConfig, "pair_data": PairDataConfig, "mine_negatives": MineNegativesConfig,
                "mlm": MLMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig,
-               "matryoshka": MatryoshkaConfig, "evaluate": EvaluateConfig}  # fmt: skip
+               "matryoshka": MatryoshkaConfig, "evaluate": EvaluateConfig, "ablate": AblateConfig}  # fmt: skip
     folder = Path(__file__).resolve().parent.parent / "workflows" / "configs"
     files = sorted(folder.glob("*.yaml"))
     assert files
