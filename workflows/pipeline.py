@@ -180,7 +180,9 @@ def tracking_setup(experiment: str) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # trainers' workers inherit it
     mlflow.set_tracking_uri(uri)
-    return experiment_id(experiment)
+    found = experiment_id(experiment)
+    mlflow.set_experiment(experiment_id=found)  # nested stage runs land in the same experiment
+    return found
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
