@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q --durations=20 -m "not cluster" tests
+	$(PY) -m pytest -q -m cluster tests
 
 demo: venv
 	$(PY) -m workflows.pipeline --config workflows/configs/demo.yaml
