@@ -1,0 +1,238 @@
+"""Ray Tune ablation of the fine-tuning stage: hard negatives per query x dataset mixture (spec §7.1).
+
+    python -m workflows.ablate --config workflows/configs/ablate.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m workflows.ablate --config workflows/configs/ablate.yaml
+
+Every trial is a real `workflows.finetune` run (the finetune YAML + ``finetune_overrides`` + the trial's
+``num_negatives`` and ``source_weights``) followed by `evaluation.run` on the ``evaluate`` suites; the trial
+reports ``metric`` to Tune. MLflow: one parent run (``name``) in ``experiment``; every trial is a child run named
+``negatives=<n>,mixture=<name>`` with params ``num_negatives``, ``mixture``, the whole finetune config, the
+training metrics and the evaluation scores. The best trial is printed, tagged on the parent run
+(``best_trial``, ``best_num_negatives``, ``best_mixture``) and returned.
+
+Scheduling: a grid search with no early-stopping scheduler. The score being compared is an evaluation run after
+training; the training loop reports into Ray Train, not Tune, so there is no intermediate value of that score
+for ASHA to cut trials on (early-stopping on the training loss would compare losses that are not comparable
+across negative counts: more negatives, harder softmax). Resources: each trial asks Tune for ``trial_cpus`` /
+``trial_gpus``. On CPU (tests) use ``run.num_workers=0`` (training in the trial process). On GPUs either give
+each trial ``trial_gpus: 1`` with ``run.num_workers=0, run.use_gpu=true`` or keep ``trial_gpus: 0, trial_cpus:
+0.01`` and let each trial's TorchTrainer request ``run.num_workers`` GPU workers; ``max_concurrent_trials``
+trials then share the cluster's GPUs through Ray's scheduler.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from workflows import finetune
+
+
+@dataclass
+class AblateEval:
+    beir: list[str] = field(default_factory=list)  # [NAME=]PATH BEIR folders
+    sts: list[str] = field(default_factory=list)  # [NAME=]PATH STS pair files
+    limit: int | None = None  # first N queries / pairs of each task (CI)
+
+
+@dataclass
+class AblateConfig:
+    finetune: str  # the finetune YAML every trial starts from
+    finetune_overrides: list[str]  # key=value applied to it (paths, steps, run.num_workers, ...)
+    num_negatives: list[int]  # grid over hard negatives per query (0 = in-batch only)
+    mixtures: dict[str, dict[str, float] | None]  # name -> source weights (0 leaves a source out); null = by size
+    evaluate: AblateEval
+    metric: str  # an evaluation metric name, e.g. beir/scifact/ndcg_at_10 or sts/stsb/spearman
+    mode: Literal["max", "min"]
+    max_concurrent_trials: int
+    trial_cpus: float  # Tune resources of one trial (> 0)
+    trial_gpus: float
+    storage_path: str  # Tune results, trial checkpoints and trained models
+    experiment: str  # MLflow experiment of the parent and child runs
+    name: str  # Tune run name and MLflow parent run name
+
+    def __post_init__(self) -> None:
+        if not self.num_negatives or min(self.num_negatives) < 0:
+            raise ValueError("num_negatives must be a non-empty list of counts >= 0")
+        if not self.mixtures:
+            raise ValueError("mixtures must name at least one mixture (e.g. {all: null})")
+        for name, weights in self.mixtures.items():
+            if weights is not None and (not weights or min(weights.values()) < 0 or not sum(weights.values()) > 0):
+                raise ValueError(f"mixture {name!r}: weights must be >= 0 with a positive sum (or null)")
+        if not (self.evaluate.beir or self.evaluate.sts):
+            raise ValueError("evaluate needs at least one beir or sts task to score the trials")
+        if self.trial_cpus <= 0 or self.trial_gpus < 0 or self.max_concurrent_trials < 1:
+            raise ValueError("trial_cpus must be > 0, trial_gpus >= 0, max_concurrent_trials >= 1")
+
+
+def trial_name(num_negatives: int, mixture: str) -> str:
+    return f"negatives={num_negatives},mixture={mixture}"
+
+
+def finetune_raw(config: AblateConfig) -> dict[str, Any]:
+    from ops.config import apply_overrides, read_yaml
+
+    return apply_overrides(read_yaml(config.finetune), config.finetune_overrides)
+
+
+def trial_config(raw: dict[str, Any], config: AblateConfig, num_negatives: int, mixture: str,
+                 trial_id: str) -> finetune.FinetuneConfig:  # fmt: skip
+    from ops.config import from_dict
+
+    raw = copy.deepcopy(raw)
+    root = Path(config.storage_path).resolve() / config.name / f"negatives{num_negatives}-{mixture}-{trial_id}"
+    raw.update(num_negatives=num_negatives, source_weights=config.mixtures[mixture], output_dir=str(root / "model"))
+    raw["run"] = {**raw["run"], "name": "finetune", "storage_path": str(root / "ray")}
+    raw["mlflow"] = {**raw["mlflow"], "experiment": config.experiment}
+    return from_dict(finetune.FinetuneConfig, raw, where=f"trial {trial_name(num_negatives, mixture)}")
+
+
+def check_data(raw: dict[str, Any], config: AblateConfig) -> None:
+    """Fail before any trial starts: negatives beyond what every row holds, or mixtures naming unknown sources."""
+    import pyarrow.parquet as pq
+
+    data = str(raw["data"])
+    if "://" in data:  # remote data: the trials check it themselves
+        return
+    files = sorted(Path(data).glob("part-*.parquet"))
+    if not files:
+        raise ValueError(f"finetune data {data} has no part-*.parquet files")
+    columns = pq.read_schema(files[0]).names
+    wanted = max(config.num_negatives)
+    if wanted:
+        if "negatives" not in columns:
+            raise ValueError(f"num_negatives up to {wanted} but {data} has no negatives column (mine them first)")
+        held = min(min((len(x) for x in pq.read_table(f, columns=["negatives"])["negatives"].to_pylist()), default=0)
+                   for f in files)  # fmt: skip
+        if wanted > held:
+            raise ValueError(f"num_negatives {wanted} exceeds the {held} hard negatives the rows of {data} hold; "
+                             f"use counts <= {held} or mine more")  # fmt: skip
+    sources = set().union(*(set(pq.read_table(f, columns=["source"])["source"].to_pylist()) for f in files))
+    for name, weights in config.mixtures.items():
+        unknown = set(weights or {}) - sources
+        if unknown:
+            raise ValueError(f"mixture {name!r} names sources {sorted(unknown)} not in {data} ({sorted(sources)})")
+
+
+def numeric(values: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}  # fmt: skip
+
+
+def trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: a thin driver that runs `fine_tune_and_evaluate` as a Ray task holding ``trial_cpus`` /
+    ``trial_gpus`` outside the trial's placement group (Ray Data and Ray Train inside the task then schedule their
+    own tasks and workers on the cluster), and reports its score to Tune."""
+    import ray
+    from ray import tune
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    config: AblateConfig = setup["config"]
+    task = ray.remote(fine_tune_and_evaluate).options(
+        num_cpus=config.trial_cpus, num_gpus=config.trial_gpus, max_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))  # fmt: skip
+    tune.report(ray.get(task.remote(params, setup, tune.get_context().get_trial_id())))
+
+
+def fine_tune_and_evaluate(params: dict[str, Any], setup: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """Fine-tune, evaluate, return the Tune metrics -- all inside one child MLflow run."""
+    import mlflow
+
+    from evaluation import EvalConfig
+    from evaluation import run as evaluate
+    from ops.config import flatten
+
+    config: AblateConfig = setup["config"]
+    os.environ["MLFLOW_TRACKING_URI"] = setup["tracking_uri"]  # finetune and evaluation read it too
+    mlflow.set_tracking_uri(setup["tracking_uri"])
+    negatives, mixture = int(params["num_negatives"]), str(params["mixture"])
+    cfg = trial_config(setup["finetune"], config, negatives, mixture, trial_id)
+    tags = {"mlflow.parentRunId": setup["parent_run_id"], "ablation": config.name, "tune_trial_id": trial_id}
+    with mlflow.start_run(experiment_id=setup["experiment_id"], run_name=trial_name(negatives, mixture), tags=tags):
+        mlflow.log_params({"num_negatives": negatives, "mixture": mixture,
+                           **{f"finetune.{k}": str(v)[:500] for k, v in flatten(cfg).items()
+                              if k not in ("num_negatives",)}})  # fmt: skip
+        result = finetune.run(cfg)  # logs its metrics and model into this (active) run
+        scores = evaluate(EvalConfig(model=result["model"], beir=list(config.evaluate.beir),
+                                     sts=list(config.evaluate.sts), limit=config.evaluate.limit,
+                                     experiment=config.experiment, log_to_mlflow=True))  # fmt: skip
+        if config.metric not in scores:
+            raise KeyError(f"metric {config.metric!r} not among the evaluation scores {sorted(scores)}")
+        mlflow.log_metric("ablate/score", scores[config.metric])
+        return {"score": scores[config.metric], "steps": result["steps"],
+                "mlflow_run_id": mlflow.active_run().info.run_id,
+                **{f"train_{k}": v for k, v in numeric(result["metrics"]).items() if "/" not in k}}
+
+
+def run(config: AblateConfig) -> dict[str, Any]:
+    """Run the grid; returns {"best": {num_negatives, mixture, source_weights, score, mlflow_run_id}, "metric",
+    "trials": [...] (one per trial), "parent_run_id", "experiment_id"}."""
+    import mlflow
+    from ray import tune
+
+    from evaluation.report import experiment_id
+    from ops.config import flatten
+    from workflows import common
+
+    raw = finetune_raw(config)
+    check_data(raw, config)
+    for mixture in config.mixtures:  # every trial config must be valid before the first trial starts
+        for negatives in config.num_negatives:
+            trial_config(raw, config, negatives, mixture, "check")
+    common.ray_data_setup()
+    uri = common.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    experiment = experiment_id(config.experiment)  # in the driver: trials must not create it (own CWD)
+    storage = str(Path(config.storage_path).resolve())
+    with mlflow.start_run(experiment_id=experiment, run_name=config.name, tags={"ablation": config.name}) as parent:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
+        setup = {"config": config, "finetune": raw, "tracking_uri": uri, "experiment_id": experiment,
+                 "parent_run_id": parent.info.run_id}  # fmt: skip
+        # the trial itself only waits; its task holds trial_cpus / trial_gpus (see `trial`)
+        trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"cpu": 0.01})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"num_negatives": tune.grid_search(list(config.num_negatives)),
+                         "mixture": tune.grid_search(list(config.mixtures))},  # fmt: skip
+            tune_config=tune.TuneConfig(metric="score", mode=config.mode,
+                                        max_concurrent_trials=config.max_concurrent_trials),  # fmt: skip
+            run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=0),
+        )
+        grid = tuner.fit()
+        trials = []
+        for result in grid:
+            entry = {"num_negatives": result.config["num_negatives"], "mixture": result.config["mixture"],
+                     "score": (result.metrics or {}).get("score"),
+                     "mlflow_run_id": (result.metrics or {}).get("mlflow_run_id"),
+                     "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"}
+            trials.append(entry)
+        mlflow.log_metric("ablate/failed_trials", sum(t["error"] is not None for t in trials))
+        done = [t for t in trials if t["score"] is not None]
+        if not done:
+            raise RuntimeError(f"every ablation trial failed: {[t['error'] for t in trials]}")
+        best = (max if config.mode == "max" else min)(done, key=lambda t: t["score"])
+        best = {**best, "source_weights": config.mixtures[best["mixture"]]}
+        mlflow.set_tags({"best_trial": trial_name(best["num_negatives"], best["mixture"]),
+                         "best_num_negatives": str(best["num_negatives"]), "best_mixture": best["mixture"],
+                         "best_mlflow_run_id": str(best["mlflow_run_id"]), "metric": config.metric})  # fmt: skip
+        mlflow.log_metric("ablate/best_score", best["score"])
+        print(f"[ablate] {len(done)}/{len(trials)} trials finished; best {config.metric} = {best['score']:.4f} "
+              f"with {trial_name(best['num_negatives'], best['mixture'])}")  # fmt: skip
+        for t in sorted(done, key=lambda t: t["score"], reverse=config.mode == "max"):
+            print(f"[ablate]   {trial_name(t['num_negatives'], t['mixture'])}: {t['score']:.4f}")
+        return {"best": best, "metric": config.metric, "trials": trials, "parent_run_id": parent.info.run_id,
+                "experiment_id": experiment}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ops.config import cli
+
+    run(cli(AblateConfig, "Ray Tune ablation over hard negatives and dataset mixtures", argv))
+
+
+if __name__ == "__main__":
+    main()
