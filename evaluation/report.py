@@ -38,14 +38,16 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (database.parent.resolve() / "mlartifacts" / experiment).as_uri()
 
 
-def experiment_id(experiment: str) -> str:
-    """The experiment's id, created with an explicit artifact location if it does not exist."""
+def experiment_id(experiment: str, location: str | None = None) -> str:
+    """The experiment's id, created if missing with ``location`` or an artifact location beside a sqlite store
+    (never ./mlruns of whatever the working directory happens to be)."""
     import mlflow
 
     found = mlflow.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
-    return mlflow.create_experiment(experiment, artifact_location=artifact_location(tracking_uri(), experiment))
+    return mlflow.create_experiment(experiment,
+                                    artifact_location=location or artifact_location(mlflow.get_tracking_uri(), experiment))
 
 
 @contextlib.contextmanager

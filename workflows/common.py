@@ -381,18 +381,6 @@ def ray_data_setup() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Driver side: MLflow run, TorchTrainer, final export
 # ---------------------------------------------------------------------------------------------------------
-def _experiment_id(name: str, artifact_location: str | None) -> str:
-    import mlflow
-
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    uri = mlflow.get_tracking_uri()
-    if artifact_location is None and uri.startswith("sqlite:///"):  # not ./mlruns of whatever the CWD is
-        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts" / name).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
-
-
 @contextlib.contextmanager
 def mlflow_run(stage: str, config: Any, settings: MlflowSettings) -> Iterator[dict[str, str]]:
     """The active run (a pipeline's child run, which has the params already), else a new run named after the
@@ -408,7 +396,9 @@ def mlflow_run(stage: str, config: Any, settings: MlflowSettings) -> Iterator[di
         return
     parent = settings.parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID")
     tags = {"stage": stage, **({"mlflow.parentRunId": parent} if parent else {})}
-    experiment = _experiment_id(settings.experiment, settings.artifact_location)
+    from evaluation.report import experiment_id
+
+    experiment = experiment_id(settings.experiment, settings.artifact_location)
     with mlflow.start_run(experiment_id=experiment, run_name=stage, tags=tags) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
         yield {"run_id": run.info.run_id, "tracking_uri": uri}
