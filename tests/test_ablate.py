@@ -59,6 +59,10 @@ def test_negatives_grid_logs_one_child_run_per_trial(tmp_path, shared_data, ray_
         assert -1 <= child.data.metrics["sts/stsb/spearman"] <= 1
         assert child.data.metrics["ablate/score"] == child.data.metrics["sts/stsb/spearman"]
         assert "finetune/loss" in child.data.metrics
+    # the job left mlflow's process-wide tracking URI alone: a later store in this process is not redirected
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+        assert mlflow.get_tracking_uri() == "sqlite:///elsewhere.db"
 
 
 def test_rejects_more_negatives_than_the_data_holds(tmp_path, shared_data, tiny_setup):

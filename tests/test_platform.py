@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -82,6 +83,11 @@ def test_stages_run_under_one_parent_run(finished_pipeline):
     assert 0.5 < minilm.data.metrics["sts/stsb/spearman"] <= 1.0
     table = (tmp / "out" / "evaluate" / "evaluation_table.md").read_text()
     assert "sts/stsb/spearman" in table and "minilm" in table
+    assert all(child.info.experiment_id == parent.info.experiment_id for child in runs["evaluate"] + runs["minilm"])
+    # the pipeline left mlflow's process-wide tracking URI and experiment alone
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+        assert mlflow.get_tracking_uri() == "sqlite:///elsewhere.db"
 
 
 def test_restart_skips_finished_stages_and_reruns_changed_ones(finished_pipeline, shared_data, capsys):

@@ -148,7 +148,6 @@ def fine_tune_and_evaluate(params: dict[str, Any], setup: dict[str, Any], trial_
 
     config: AblateConfig = setup["config"]
     os.environ["MLFLOW_TRACKING_URI"] = setup["tracking_uri"]  # finetune and evaluation read it too
-    mlflow.set_tracking_uri(setup["tracking_uri"])
     negatives, mixture = int(params["num_negatives"]), str(params["mixture"])
     cfg = trial_config(setup["finetune"], config, negatives, mixture, trial_id)
     tags = {"mlflow.parentRunId": setup["parent_run_id"], "ablation": config.name, "tune_trial_id": trial_id}
@@ -185,7 +184,7 @@ def run(config: AblateConfig) -> dict[str, Any]:
             trial_config(raw, config, negatives, mixture, "check")
     common.ray_data_setup()
     uri = common.tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the environment, not mlflow's global: that would outlive this call
     experiment = experiment_id(config.experiment)  # in the driver: trials must not create it (own CWD)
     storage = str(Path(config.storage_path).resolve())
     with mlflow.start_run(experiment_id=experiment, run_name=config.name, tags={"ablation": config.name}) as parent:

@@ -173,16 +173,11 @@ def start_ray(config: RayConfig) -> None:
 
 def tracking_setup(experiment: str) -> str:
     """The tracking URI (``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``) and the experiment id."""
-    import mlflow
-
     from evaluation.report import experiment_id
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri  # trainers' workers inherit it
-    mlflow.set_tracking_uri(uri)
-    found = experiment_id(experiment)
-    mlflow.set_experiment(experiment_id=found)  # nested stage runs land in the same experiment
-    return found
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # trainers' workers inherit it; mlflow's global would outlive this call
+    return experiment_id(experiment)
 
 
 def run(config: PipelineConfig) -> dict[str, Any]:
@@ -237,7 +232,8 @@ def run_stage(stage: Stage, stage_cfg: Any, stage_fingerprint: str, previous: di
     module = importlib.import_module(stage.module)
     print(f"[pipeline] {stage.name}: running")
     started = time.monotonic()
-    with mlflow.start_run(run_name=stage.name, nested=True) as child:
+    experiment = mlflow.active_run().info.experiment_id  # the parent's; mlflow would not inherit it
+    with mlflow.start_run(experiment_id=experiment, run_name=stage.name, nested=True) as child:
         mlflow.set_tags({"stage": stage.name, "fingerprint": stage_fingerprint})
         if previous.get("run_id"):
             mlflow.set_tag("supersedes", previous["run_id"])
