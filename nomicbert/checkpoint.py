@@ -233,8 +233,8 @@ def load_model(source: str | os.PathLike, kind: ModelKind = "encoder", **config_
     return model
 
 
-def _state_to_save(model: nn.Module) -> StateDict:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+def _state_to_save(model: nn.Module, weights: StateDict | None = None) -> StateDict:
+    state = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
     state.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
     return state
 
@@ -244,8 +244,9 @@ def copy_tokenizer(tokenizer, folder: Path) -> None:
         tokenizer.save_pretrained(str(folder))
 
 
-def save_pretrained(model: nn.Module, folder: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in the published Nomic layout (+ tokenizer files)."""
+def save_pretrained(model: nn.Module, folder: str | os.PathLike, tokenizer=None, weights: StateDict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in the published Nomic layout (+ tokenizer files).
+    ``weights``: the model's full state dict when ``model`` itself is sharded (FSDP)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config: NomicBertConfig = model.config
@@ -254,7 +255,7 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, tokenizer=None)
         raw["architectures"] = ["NomicBertForPreTraining"]
     elif isinstance(model, NomicBertForSequenceClassification):
         raw["architectures"] = ["NomicBertForSequenceClassification"]
-    save_file(_state_to_save(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(_state_to_save(model, weights), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(raw, indent=2))
     copy_tokenizer(tokenizer, folder)
     return folder

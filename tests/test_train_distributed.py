@@ -1,19 +1,22 @@
 """Two real gloo workers: same losses as one worker over the same global batches (documents gathered), and a
-worker killed mid-run resumes at the same step and data position with every row used exactly once."""
+worker killed mid-run resumes at the same step and data position with every row used exactly once -- with DDP
+(contrastive) and with FSDP sharding (masked-LM: tied weights, gradient accumulation)."""
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 
+import mlflow
 import numpy as np
-from train_helpers import make_pairs, metric_history, pair_rows, stage_config
+import torch
+from train_helpers import make_mlm_data, make_pairs, metric_history, pair_rows, stage_config
 
-from nomicbert.checkpoint import save_pretrained
+from nomicbert.checkpoint import load_model, save_pretrained
 from nomicbert.config import tiny
 from nomicbert.model import NomicBertModel
 from nomicbert.tokenizer import load_tokenizer
-from workflows import contrastive
+from workflows import contrastive, mlm
 
 
 def test_two_workers_match_one_and_resume_after_a_kill(tmp_path, ray_session, shared_data, mlflow_uri):
@@ -47,3 +50,27 @@ def test_two_workers_match_one_and_resume_after_a_kill(tmp_path, ray_session, sh
     assert sorted(sorted(steps) for steps in steps_by_pid.values()) == [[1, 2], [1, 2], [3, 4], [3, 4]]
     consumed = [r for rows in rows_by_step.values() for r in rows]
     assert sorted(consumed) == list(range(64))  # every row exactly once, none skipped
+
+
+def test_fsdp_shards_matches_one_worker_and_resumes(tmp_path, ray_session, shared_data, mlflow_uri):
+    data = make_mlm_data(shared_data, tmp_path / "mlm-data", rows=32, row_length=64)
+    # 2 workers x 2 micro-batches of 2 rows: the first micro-batch's backward runs without gradient sync
+    shared = {"data": str(data), "model": "tiny", "model_overrides": {}, "global_batch": 8, "micro_batch": 2,
+              "epochs": 1, "max_steps": 0, "optim.lr": 5e-3, "run.checkpoint_every": 2}  # fmt: skip
+    one = mlm.run(stage_config(mlm.MLMConfig, "mlm", tmp_path, **shared, output_dir=str(tmp_path / "one" / "model"),
+                               **{"run.name": "one"}))  # fmt: skip
+    two = mlm.run(stage_config(mlm.MLMConfig, "mlm", tmp_path, **shared, output_dir=str(tmp_path / "two" / "model"),
+                               **{"run.name": "two", "run.num_workers": 2, "run.strategy": "fsdp",
+                                  "run.cpus_per_worker": 0.5, "run.fault_step": 3, "run.max_failures": 1}))  # fmt: skip
+
+    assert one["steps"] == two["steps"] == 4
+    assert (tmp_path / "two" / "fault-two-done").is_file()  # killed at step 3, resumed from the sharded run's step 2
+    tags = mlflow.get_run(two["mlflow_run_id"]).data.tags
+    assert int(tags["mlm.parameters_per_worker"]) < 0.55 * int(tags["mlm.parameters"])  # really sharded
+    losses_one, losses_two = (metric_history(r["mlflow_run_id"], "mlm/loss") for r in (one, two))
+    np.testing.assert_allclose([losses_two[s] for s in range(1, 5)], [losses_one[s] for s in range(1, 5)], rtol=2e-4)
+    # the checkpoint is a whole, unsharded model that loads anywhere, equal to the one-worker result
+    weights_one, weights_two = (load_model(r["model"], kind="mlm").state_dict() for r in (one, two))
+    assert weights_one.keys() == weights_two.keys()
+    for key in weights_one:
+        torch.testing.assert_close(weights_two[key], weights_one[key], atol=2e-4, rtol=1e-3, msg=key)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nomicbert.checkpoint import load_state_dict_strict, read_state_dict, save_pretrained
+from nomicbert.model import NomicBertBlock
 
 log = logging.getLogger("workflows.train")
 STATE_DIR = "training_state"
@@ -61,6 +62,7 @@ class RunSettings:
     name: str  # Ray Train run name; re-running the same (storage_path, name) resumes it
     storage_path: str  # Ray Train storage: checkpoints and run state (a path, s3:// or gs://)
     num_workers: int  # 0 = run the loop in the driver process (tests)
+    strategy: Literal["ddp", "fsdp"]  # fsdp: FSDP2, each worker holds 1/num_workers of weights, grads, optimizer
     use_gpu: bool
     cpus_per_worker: float
     precision: Literal["fp32", "bf16"]  # bf16 autocast needs a GPU
@@ -135,10 +137,22 @@ def check_finite(loss: float, step: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: model folder (our layout) + training_state/, written to a temp folder and renamed
 # ---------------------------------------------------------------------------------------------------------
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Unsharded weights and optimizer state (keyed by parameter name) on CPU, the same for DDP and FSDP, so
+    a checkpoint resumes under either strategy. Collective under FSDP: every rank calls it; rank 0 gets it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)  # fmt: skip
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
 def write_checkpoint(folder: Path, model: nn.Module, tokenizer, state: dict[str, Any]) -> None:
-    """Model weights and config (loadable by `nomicbert.checkpoint.load_model`) plus optimizer, scheduler,
-    step, data position and RNG under ``training_state/``."""
-    save_pretrained(model, folder, tokenizer)
+    """Model weights (``state["weights"]``, from `full_state`) and config, loadable by
+    `nomicbert.checkpoint.load_model`, plus optimizer, scheduler, step, data position and RNG under
+    ``training_state/``."""
+    state = dict(state)
+    save_pretrained(model, folder, tokenizer, weights=state.pop("weights"))
     (folder / STATE_DIR).mkdir(exist_ok=True)
     torch.save(state, folder / STATE_DIR / STATE_FILE)
     progress = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
@@ -168,14 +182,21 @@ def read_training_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def restore(folder: Path, model: nn.Module, optimizer, sched) -> dict[str, Any]:
-    """Load weights, optimizer, scheduler and RNG from a checkpoint; returns its training state."""
+def load_weights(folder: Path, model: nn.Module) -> dict[str, Any]:
+    """A checkpoint's weights into the (not yet sharded) model; returns its training state for `restore`."""
     load_state_dict_strict(model, read_state_dict(folder))
-    state = read_training_state(folder)
-    optimizer.load_state_dict(state["optimizer"])
+    return read_training_state(folder)
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer, sched) -> tuple[int, int]:
+    """Optimizer, scheduler and RNG from a training state, after `Session.prepare`; returns (step, batches
+    consumed)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
-    return state
+    return state["step"], state["batches_consumed"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,13 +230,23 @@ class Session:
     def is_ray(self) -> bool:
         return self.checkpoint_root is None
 
-    def prepare(self, model: nn.Module) -> nn.Module:
-        """Move to the device and wrap in DDP when there are several workers."""
-        if self.is_ray:
-            import ray.train.torch
+    def prepare(self, net: nn.Module, strategy: str = "ddp") -> nn.Module:
+        """Move to the device; with several workers wrap in DDP, or shard with FSDP2 (each transformer block
+        one unit, the rest -- embeddings, heads -- in the root unit, so tied weights stay together).
+        ``net``'s ``forward`` must run the whole model: FSDP gathers parameters in forward hooks."""
+        if not self.is_ray:
+            return net.to(self.device)
+        import ray.train.torch
 
-            return ray.train.torch.prepare_model(model)
-        return model.to(self.device)
+        if strategy != "fsdp" or self.world_size == 1:
+            return ray.train.torch.prepare_model(net)
+        from torch.distributed.fsdp import fully_shard
+
+        net.to(self.device)
+        for module in net.modules():
+            if isinstance(module, NomicBertBlock):
+                fully_shard(module)
+        return fully_shard(net)
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -297,6 +328,18 @@ class Progress:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         log.setLevel(logging.INFO)
 
+    def layout(self, model: nn.Module, strategy: str, world_size: int) -> None:
+        """How the model is spread over the workers (console and MLflow tags): under FSDP each worker holds
+        about 1/world_size of the parameters."""
+        total = sum(p.numel() for p in model.parameters())
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
+        if self.rank == 0:
+            log.info("[%s] %d worker(s), %s: rank 0 holds %d of %d parameters", self.stage, world_size, strategy,
+                     local, total)  # fmt: skip
+            if self.client:
+                self.client.set_tag(self.run_id, f"{self.stage}.parameters_per_worker", str(local))
+                self.client.set_tag(self.run_id, f"{self.stage}.parameters", str(total))
+
     def step(self, step: int, tokens: int, metrics: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
         metrics = {**metrics, "tokens_per_s": tokens / max(now - self.last, 1e-9)}
@@ -315,9 +358,29 @@ class Progress:
         return metrics
 
 
+def no_sync(net: nn.Module) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """A context that skips the gradient all-reduce / reduce-scatter of a micro-batch (gradient accumulation),
+    or None with a single worker."""
+    if hasattr(net, "no_sync"):  # DDP
+        return net.no_sync
+    if not hasattr(net, "set_requires_gradient_sync"):
+        return None
+
+    @contextlib.contextmanager
+    def fsdp_no_sync() -> Iterator[None]:  # FSDP2: gradients accumulate unsharded until the synced backward
+        net.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
+
+    return fsdp_no_sync
+
+
 def grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Total gradient norm, clipping to ``max_norm`` when it is > 0."""
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf")))
+    """Total gradient norm, clipping to ``max_norm`` when it is > 0 (over all shards under FSDP)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -134,18 +134,17 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg)
     tokenizer = load_tokenizer_for(cfg.init_checkpoint)
-    net = session.prepare(PackedEncoder(model, cfg.run.precision))
+    with session.latest_checkpoint() as folder:
+        resumed = common.load_weights(folder, model) if folder is not None else None
+    net = session.prepare(PackedEncoder(model, cfg.run.precision), cfg.run.strategy)
     optimizer = common.adamw(model, cfg.optim)
     sched = common.scheduler(optimizer, cfg.optim, total_steps)
-    step = consumed = 0
-    with session.latest_checkpoint() as folder:
-        if folder is not None:
-            state = common.restore(folder, model, optimizer, sched)
-            step, consumed = state["step"], state["batches_consumed"]
+    step, consumed = common.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
     loss_fn = ContrastiveLoss(cfg.logit_scale, 1 + cfg.num_negatives, cfg.matryoshka_dims or None,
                               cfg.matryoshka_weights or None)  # fmt: skip
     cache = GradCache(cfg.grad_cache_chunk, session.device) if cfg.grad_cache_chunk else None
     progress = common.Progress(cfg.stage, total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
+    progress.layout(model, cfg.run.strategy, session.world_size)
     rows = common.RowLog(cfg.run.row_log, session.rank)
 
     def tokenize(texts: list[str], max_length: int) -> list[list[int]]:
@@ -162,7 +161,7 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
         queries, documents = texts_of(batch, cfg.num_negatives, cfg.run.seed, index)
         q_ids, d_ids = tokenize(queries, cfg.query_max_length), tokenize(documents, cfg.document_max_length)
         if cache is not None:
-            loss = cache.step(net, [q_ids, d_ids], loss_fn, getattr(net, "no_sync", None))
+            loss = cache.step(net, [q_ids, d_ids], loss_fn, common.no_sync(net))
         else:  # one forward for queries and documents: DDP allows one forward per backward
             pooled = net(q_ids + d_ids)
             loss = loss_fn(pooled[: len(q_ids)], pooled[len(q_ids) :])
@@ -179,8 +178,9 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
         tokens = sum(map(len, q_ids)) + sum(map(len, d_ids))
         metrics = progress.step(step, tokens * session.world_size, {"loss": loss_value, "lr": lr, "grad_norm": norm})
         if step % cfg.run.checkpoint_every == 0 or step == total_steps:
-            state = {"step": step, "batches_consumed": consumed, "loss": loss_value,
-                     "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+            weights, optimizer_state = common.full_state(model, optimizer)
+            state = {"step": step, "batches_consumed": consumed, "loss": loss_value, "weights": weights,
+                     "optimizer": optimizer_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
             session.report(metrics, step, lambda f: common.write_checkpoint(f, model, tokenizer, state))
     return {"step": step, **metrics}
 

@@ -95,18 +95,18 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
 
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg)
-    net = session.prepare(PackedMLM(model))
+    with session.latest_checkpoint() as folder:
+        resumed = common.load_weights(folder, model) if folder is not None else None
+    net = session.prepare(PackedMLM(model), cfg.run.strategy)
     optimizer = common.adamw(model, cfg.optim)
     sched = common.scheduler(optimizer, cfg.optim, total_steps)
-    step = consumed = 0
-    with session.latest_checkpoint() as folder:
-        if folder is not None:
-            state = common.restore(folder, model, optimizer, sched)
-            step, consumed = state["step"], state["batches_consumed"]
+    step, consumed = common.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
     tokenizer = load_tokenizer()
     progress = common.Progress("mlm", total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
+    progress.layout(model, cfg.run.strategy, session.world_size)
     rows = common.RowLog(cfg.run.row_log, session.rank)
     accumulation = cfg.global_batch // (session.world_size * cfg.micro_batch)
+    skip_sync = common.no_sync(net)
     metrics: dict[str, float] = {}
     net.train()
     for index, batch in enumerate(batches):
@@ -125,8 +125,8 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
                 lengths = [ids.shape[1]] * ids[part].shape[0]
             else:
                 lengths = [int(n) for row in batch["doc_lengths"][part] for n in row]
-            sync = m == accumulation - 1 or not hasattr(net, "no_sync")
-            with (contextlib.nullcontext() if sync else net.no_sync()), common.autocast(cfg.run.precision, session.device):
+            sync = m == accumulation - 1 or skip_sync is None
+            with (contextlib.nullcontext() if sync else skip_sync()), common.autocast(cfg.run.precision, session.device):
                 part_loss, part_correct = net(ids[part].flatten().to(session.device), lengths,
                                               labels[part].flatten().to(session.device))  # fmt: skip
             # each worker's share of the global mean; DDP averages over workers, hence * world_size
@@ -145,8 +145,9 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
         metrics = progress.step(step, ids.numel() * session.world_size,
                                 {"loss": loss, "accuracy": correct / masked_total, "lr": lr, "grad_norm": norm})
         if step % cfg.run.checkpoint_every == 0 or step == total_steps:
-            state = {"step": step, "batches_consumed": consumed, "loss": loss,
-                     "optimizer": optimizer.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
+            weights, optimizer_state = common.full_state(model, optimizer)
+            state = {"step": step, "batches_consumed": consumed, "loss": loss, "weights": weights,
+                     "optimizer": optimizer_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
             session.report(metrics, step, lambda f: common.write_checkpoint(f, model, tokenizer, state))
     return {"step": step, **metrics}
 
