@@ -25,13 +25,16 @@ class TeacherConfig:
     fp16: bool = True  # on GPU only
     actors: int = 1  # size of the embedding actor pool
     num_gpus: float = 0.0  # per actor (and for the search task); 0 on a CPU-only cluster
-    num_cpus: float = 1.0  # per actor
+    num_cpus: float = 1.0  # per actor (what Ray reserves)
+    threads: int = 0  # torch CPU threads per actor; 0 = Ray's default (num_cpus). More uses idle cores on CPU.
 
     def __post_init__(self) -> None:
         if self.actors < 1:
             raise ValueError(f"teacher.actors must be at least 1, got {self.actors}")
         if self.num_gpus < 0 or self.num_cpus <= 0:
             raise ValueError(f"teacher.num_gpus must be >= 0 and num_cpus > 0, got {self.num_gpus}, {self.num_cpus}")
+        if self.threads < 0:
+            raise ValueError(f"teacher.threads must be >= 0, got {self.threads}")
 
 
 def resolve_teacher(model: str) -> str:
@@ -47,9 +50,12 @@ class TeacherEmbed:
     """Actor-pool ``map_batches`` class: adds ``<column>_emb`` (float32, L2-normalised) for each text column."""
 
     def __init__(self, model: str, columns: Sequence[str], max_length: int = 512, batch_size: int = 128,
-                 fp16: bool = True) -> None:  # fmt: skip
+                 fp16: bool = True, threads: int = 0) -> None:  # fmt: skip
         import torch
         from sentence_transformers import SentenceTransformer
+
+        if threads:
+            torch.set_num_threads(threads)
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = SentenceTransformer(resolve_teacher(model), device=self.device)
@@ -76,7 +82,7 @@ def embed_dataset(ds, columns: Sequence[str], teacher: TeacherConfig):
     return ds.map_batches(
         TeacherEmbed, batch_size=max(teacher.batch_size, 64), batch_format="numpy",
         fn_constructor_kwargs={"model": teacher.model, "columns": list(columns), "max_length": teacher.max_length,
-                               "batch_size": teacher.batch_size, "fp16": teacher.fp16},
+                               "batch_size": teacher.batch_size, "fp16": teacher.fp16, "threads": teacher.threads},
         compute=ray.data.ActorPoolStrategy(size=teacher.actors), num_gpus=teacher.num_gpus or None,
         num_cpus=teacher.num_cpus)  # fmt: skip
 
