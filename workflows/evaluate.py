@@ -75,7 +75,6 @@ def run(config: EvaluateConfig) -> dict[str, dict[str, float]]:
         job = EvalConfig(model=config.glue_model, glue=config.glue, experiment=config.experiment, run_name="glue")
         results["glue"] = _scored(job, "glue", parent)
     table = format_table({}, results)
-    print(table)
     if config.output:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         (Path(config.output) / "evaluation_table.md").write_text(table + "\n")
@@ -102,7 +101,7 @@ def _scored(job: EvalConfig, label: str, parent) -> dict[str, float]:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run(cli(EvaluateConfig, "Score trained models and baselines side by side"))
+    print(format_table({}, run(cli(EvaluateConfig, "Score trained models and baselines side by side"))))
 
 
 if __name__ == "__main__":
