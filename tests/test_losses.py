@@ -113,7 +113,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / world, "grads": _grads(model)}, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    # not destroy_process_group(): tearing down gloo can deadlock (the main thread joins gloo's loop thread while
+    # holding the GIL that thread waits for); seen once in 2-core CI, the spawned worker hung for an hour
+    os._exit(0)
 
 
 def test_two_gloo_workers_match_one_worker(tmp_path):
