@@ -289,6 +289,11 @@ def maybe_inject_fault(run: RunSettings, session: Session, step: int, marker_dir
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
+    if session.is_ray:
+        # Ray Train's controller collects reports (and registers their checkpoints) by polling the workers every
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; a kill before that poll resumes from the checkpoint before -- also
+        # consistent, but the chaos test is meant to resume from the newest one
+        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
     log.warning("fault injection: killing worker pid %d at step %d", os.getpid(), step)
     os.kill(os.getpid(), signal.SIGKILL)
 
