@@ -234,7 +234,7 @@ def load_model(source: str | os.PathLike, kind: ModelKind = "encoder", **config_
 
 
 def _state_to_save(model: nn.Module, weights: StateDict | None = None) -> StateDict:
-    state = {k: v.detach().contiguous().cpu() for k, v in (weights or model.state_dict()).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
     state.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
     return state
 
