@@ -61,10 +61,17 @@ def test_fsdp_shards_matches_one_worker_and_resumes(tmp_path, ray_session, share
                                **{"run.name": "one"}))  # fmt: skip
     two = mlm.run(stage_config(mlm.MLMConfig, "mlm", tmp_path, **shared, output_dir=str(tmp_path / "two" / "model"),
                                **{"run.name": "two", "run.num_workers": 2, "run.strategy": "fsdp",
-                                  "run.cpus_per_worker": 0.5, "run.fault_step": 3, "run.max_failures": 1}))  # fmt: skip
+                                  "run.cpus_per_worker": 0.5, "run.fault_step": 3, "run.max_failures": 1,
+                                  "run.row_log": str(tmp_path / "fsdp-rows")}))  # fmt: skip
 
     assert one["steps"] == two["steps"] == 4
     assert (tmp_path / "two" / "fault-two-done").is_file()  # killed at step 3, resumed from the sharded run's step 2
+    steps_by_pid: dict[int, list[int]] = defaultdict(list)
+    for rank in (0, 1):
+        for line in (tmp_path / "fsdp-rows" / f"rank-{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            steps_by_pid[record["pid"]].append(record["step"])
+    assert sorted(sorted(steps) for steps in steps_by_pid.values()) == [[1, 2], [1, 2], [3, 4], [3, 4]]
     tags = mlflow.get_run(two["mlflow_run_id"]).data.tags
     assert int(tags["mlm.parameters_per_worker"]) < 0.55 * int(tags["mlm.parameters"])  # really sharded
     losses_one, losses_two = (metric_history(r["mlflow_run_id"], "mlm/loss") for r in (one, two))
