@@ -13,12 +13,13 @@ from nomicbert.checkpoint import load_model
 from nomicbert.config import tiny
 from nomicbert.model import NomicBertForPreTraining
 from ops.mask import MaskTokens
-from workflows import common, mlm
+from workflows import checkpoints, mlm, optimization, settings
+from workflows.session import Session
 
 
 def test_every_parameter_is_in_exactly_one_group():
     model = NomicBertForPreTraining(tiny())
-    groups = common.param_groups(model, weight_decay=1e-5)
+    groups = optimization.param_groups(model, weight_decay=1e-5)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
     decay, no_decay = ({id(p) for p in g["params"]} for g in groups)
@@ -28,28 +29,28 @@ def test_every_parameter_is_in_exactly_one_group():
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    cfg = common.OptimConfig(lr=1.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.06,
+    cfg = settings.OptimConfig(lr=1.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.06,
                              schedule="linear", max_grad_norm=0.0)  # fmt: skip
-    f = common.lr_lambda(cfg, 100)
+    f = optimization.lr_lambda(cfg, 100)
     assert [round(f(s), 3) for s in (0, 5, 6, 53)] == [0.167, 1.0, 1.0, 0.5] and f(100) == 0.0
-    cosine = common.lr_lambda(common.OptimConfig(**{**cfg.__dict__, "schedule": "cosine"}), 100)
+    cosine = optimization.lr_lambda(settings.OptimConfig(**{**cfg.__dict__, "schedule": "cosine"}), 100)
     assert cosine(6) == 1.0 and abs(cosine(53) - 0.5) < 1e-9 and cosine(100) == 0.0
     with pytest.raises(ValueError, match="not both"):
-        common.OptimConfig(**{**cfg.__dict__, "warmup_steps": 10})
+        settings.OptimConfig(**{**cfg.__dict__, "warmup_steps": 10})
 
 
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
     target = tmp_path / "step-00000002"
-    common.atomic_folder(target, lambda f: (f / "model.safetensors").write_text("good"))
+    checkpoints.atomic_folder(target, lambda f: (f / "model.safetensors").write_text("good"))
 
     def crash(folder):
         (folder / "model.safetensors").write_text("half")
         raise KeyboardInterrupt  # the process dies mid-write
 
     with pytest.raises(KeyboardInterrupt):
-        common.atomic_folder(target, crash)
+        checkpoints.atomic_folder(target, crash)
     with pytest.raises(KeyboardInterrupt):
-        common.atomic_folder(tmp_path / "step-00000004", crash)
+        checkpoints.atomic_folder(tmp_path / "step-00000004", crash)
     assert (target / "model.safetensors").read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]  # no partial or temp folder
 
@@ -78,8 +79,8 @@ def test_nan_loss_stops_without_ray_and_keeps_the_last_good_checkpoint(tmp_path,
     doc_lengths[:] = table.pop("doc_lengths")  # ragged lists, as Ray Data hands them over
     rows = MaskTokens(0.3, seed=0)({**{k: np.array(v) for k, v in table.items()}, "doc_lengths": doc_lengths})
     batches = ({k: v[i : i + 2] for k, v in rows.items()} for i in range(0, 16, 2))
-    session = common.Session.local(tmp_path / "checkpoints", device="cpu")
-    with pytest.raises(common.NonFiniteLossError, match="the last good one is kept") as err:
+    session = Session.local(tmp_path / "checkpoints", device="cpu")
+    with pytest.raises(optimization.NonFiniteLossError, match="the last good one is kept") as err:
         mlm.train(cfg, batches, session, total_steps=8)
     failed_step = int(str(err.value).split("at step ")[1].split(";")[0])
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

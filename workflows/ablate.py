@@ -175,15 +175,15 @@ def run(config: AblateConfig) -> dict[str, Any]:
 
     from evaluation.report import experiment_id
     from ops.config import flatten
-    from workflows import common
+    from workflows import ingest, tracking
 
     raw = finetune_raw(config)
     check_data(raw, config)
     for mixture in config.mixtures:  # every trial config must be valid before the first trial starts
         for negatives in config.num_negatives:
             trial_config(raw, config, negatives, mixture, "check")
-    common.ray_data_setup()
-    uri = common.tracking_uri()
+    ingest.ray_data_setup()
+    uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # the environment, not mlflow's global: that would outlive this call
     experiment = experiment_id(config.experiment)  # in the driver: trials must not create it (own CWD)
     storage = str(Path(config.storage_path).resolve())

@@ -26,8 +26,10 @@ from nomicbert.attention import Segments
 from nomicbert.embed import mean_pool_packed
 from nomicbert.losses import ContrastiveLoss, GradCache, check_dims
 from nomicbert.model import NomicBertModel
-from workflows import common
-from workflows.common import MlflowSettings, OptimConfig, RunSettings, Session
+from workflows import chaos, checkpoints, ingest, launch, optimization
+from workflows.progress import Progress
+from workflows.session import Session, all_reduce_sum, autocast, no_sync
+from workflows.settings import MlflowSettings, OptimConfig, RunSettings
 
 
 @dataclass
@@ -83,7 +85,7 @@ class PackedEncoder(nn.Module):
         device = self.model.embeddings.word_embeddings.weight.device
         segments = Segments.from_lengths([len(t) for t in token_lists], device=device)
         ids = torch.tensor([i for t in token_lists for i in t], dtype=torch.long, device=device)
-        with common.autocast(self.precision, device):
+        with autocast(self.precision, device):
             hidden = self.model.forward_packed(ids, segments)
         return mean_pool_packed(hidden, segments)
 
@@ -135,17 +137,17 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
     model = build_model(cfg)
     tokenizer = load_tokenizer_for(cfg.init_checkpoint)
     with session.latest_checkpoint() as folder:
-        resumed = common.load_weights(folder, model) if folder is not None else None
+        resumed = checkpoints.load_weights(folder, model) if folder is not None else None
     net = session.prepare(PackedEncoder(model, cfg.run.precision), cfg.run.strategy)
-    optimizer = common.adamw(model, cfg.optim)
-    sched = common.scheduler(optimizer, cfg.optim, total_steps)
-    step, consumed = common.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
+    optimizer = optimization.adamw(model, cfg.optim)
+    sched = optimization.scheduler(optimizer, cfg.optim, total_steps)
+    step, consumed = checkpoints.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
     loss_fn = ContrastiveLoss(cfg.logit_scale, 1 + cfg.num_negatives, cfg.matryoshka_dims or None,
                               cfg.matryoshka_weights or None)  # fmt: skip
     cache = GradCache(cfg.grad_cache_chunk, session.device) if cfg.grad_cache_chunk else None
-    progress = common.Progress(cfg.stage, total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
+    progress = Progress(cfg.stage, total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
     progress.layout(model, cfg.run.strategy, session.world_size)
-    rows = common.RowLog(cfg.run.row_log, session.rank)
+    rows = chaos.RowLog(cfg.run.row_log, session.rank)
 
     def tokenize(texts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
@@ -157,18 +159,18 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
             continue
         if step >= total_steps:
             break
-        common.maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
+        chaos.maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
         queries, documents = texts_of(batch, cfg.num_negatives, cfg.run.seed, index)
         q_ids, d_ids = tokenize(queries, cfg.query_max_length), tokenize(documents, cfg.document_max_length)
         if cache is not None:
-            loss = cache.step(net, [q_ids, d_ids], loss_fn, common.no_sync(net))
+            loss = cache.step(net, [q_ids, d_ids], loss_fn, no_sync(net))
         else:  # one forward for queries and documents: DDP allows one forward per backward
             pooled = net(q_ids + d_ids)
             loss = loss_fn(pooled[: len(q_ids)], pooled[len(q_ids) :])
             loss.backward()
-        norm = common.grad_norm(model, cfg.optim.max_grad_norm)
-        (loss_value,) = common.all_reduce_sum([loss.item() / session.world_size], session.device)
-        common.check_finite(loss_value, step + 1)
+        norm = optimization.grad_norm(model, cfg.optim.max_grad_norm)
+        (loss_value,) = all_reduce_sum([loss.item() / session.world_size], session.device)
+        optimization.check_finite(loss_value, step + 1)
         lr = sched.get_last_lr()[0]
         optimizer.step()
         sched.step()
@@ -178,10 +180,10 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
         tokens = sum(map(len, q_ids)) + sum(map(len, d_ids))
         metrics = progress.step(step, tokens * session.world_size, {"loss": loss_value, "lr": lr, "grad_norm": norm})
         if step % cfg.run.checkpoint_every == 0 or step == total_steps:
-            weights, optimizer_state = common.full_state(model, optimizer)
+            weights, optimizer_state = checkpoints.full_state(model, optimizer)
             state = {"step": step, "batches_consumed": consumed, "loss": loss_value, "weights": weights,
                      "optimizer": optimizer_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-            session.report(metrics, step, lambda f: common.write_checkpoint(f, model, tokenizer, state))
+            session.report(metrics, step, lambda f: checkpoints.write_checkpoint(f, model, tokenizer, state))
     return {"step": step, **metrics}
 
 
@@ -204,7 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     cls = getattr(importlib.import_module(loop_config["module"]), loop_config["config_class"])
     cfg = from_dict(cls, loop_config["config"])
     session = Session.from_ray(cfg.run)
-    batches = rank_slices(common.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
+    batches = rank_slices(ingest.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
                           session.world_size)  # fmt: skip
     return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
 
@@ -237,10 +239,10 @@ def build_dataset(cfg: ContrastiveConfig):
 
 def run(config: ContrastiveConfig) -> dict[str, Any]:
     """Train and export; returns {"model": output folder, "checkpoint", "steps", "metrics", "mlflow_run_id"}."""
-    common.ray_data_setup()
+    ingest.ray_data_setup()
     datasets, total_steps = build_dataset(config)
     loop = {"module": type(config).__module__, "config_class": type(config).__name__}
-    return common.fit(config.stage, config, train_loop_per_worker, datasets, total_steps, kind="encoder",
+    return launch.fit(config.stage, config, train_loop_per_worker, datasets, total_steps, kind="encoder",
                       extra_loop_config=loop)  # fmt: skip
 
 

@@ -23,8 +23,10 @@ from torch import nn
 
 from nomicbert.attention import Segments
 from nomicbert.model import NomicBertForPreTraining
-from workflows import common
-from workflows.common import MlflowSettings, OptimConfig, RunSettings, Session
+from workflows import chaos, checkpoints, ingest, launch, optimization
+from workflows.progress import Progress
+from workflows.session import Session, all_reduce_sum, autocast, no_sync
+from workflows.settings import MlflowSettings, OptimConfig, RunSettings
 
 
 @dataclass
@@ -96,17 +98,17 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg)
     with session.latest_checkpoint() as folder:
-        resumed = common.load_weights(folder, model) if folder is not None else None
+        resumed = checkpoints.load_weights(folder, model) if folder is not None else None
     net = session.prepare(PackedMLM(model), cfg.run.strategy)
-    optimizer = common.adamw(model, cfg.optim)
-    sched = common.scheduler(optimizer, cfg.optim, total_steps)
-    step, consumed = common.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
+    optimizer = optimization.adamw(model, cfg.optim)
+    sched = optimization.scheduler(optimizer, cfg.optim, total_steps)
+    step, consumed = checkpoints.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
     tokenizer = load_tokenizer()
-    progress = common.Progress("mlm", total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
+    progress = Progress("mlm", total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
     progress.layout(model, cfg.run.strategy, session.world_size)
-    rows = common.RowLog(cfg.run.row_log, session.rank)
+    rows = chaos.RowLog(cfg.run.row_log, session.rank)
     accumulation = cfg.global_batch // (session.world_size * cfg.micro_batch)
-    skip_sync = common.no_sync(net)
+    skip_sync = no_sync(net)
     metrics: dict[str, float] = {}
     net.train()
     for index, batch in enumerate(batches):
@@ -114,10 +116,10 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
             continue
         if step >= total_steps:
             break
-        common.maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
+        chaos.maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
         ids = torch.as_tensor(_stack(batch["input_ids"]), dtype=torch.long)
         labels = torch.as_tensor(_stack(batch["labels"]), dtype=torch.long)
-        (masked_total,) = common.all_reduce_sum([float((labels != -100).sum())], session.device)
+        (masked_total,) = all_reduce_sum([float((labels != -100).sum())], session.device)
         loss_sum = correct = 0.0
         for m in range(accumulation):
             part = slice(m * cfg.micro_batch, (m + 1) * cfg.micro_batch)
@@ -126,16 +128,16 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
             else:
                 lengths = [int(n) for row in batch["doc_lengths"][part] for n in row]
             sync = m == accumulation - 1 or skip_sync is None
-            with (contextlib.nullcontext() if sync else skip_sync()), common.autocast(cfg.run.precision, session.device):
+            with (contextlib.nullcontext() if sync else skip_sync()), autocast(cfg.run.precision, session.device):
                 part_loss, part_correct = net(ids[part].flatten().to(session.device), lengths,
                                               labels[part].flatten().to(session.device))  # fmt: skip
             # each worker's share of the global mean; DDP averages over workers, hence * world_size
             (part_loss * session.world_size / masked_total).backward()
             loss_sum, correct = loss_sum + part_loss.item(), correct + part_correct.item()
-        norm = common.grad_norm(model, cfg.optim.max_grad_norm)
-        loss_sum, correct = common.all_reduce_sum([loss_sum, correct], session.device)
+        norm = optimization.grad_norm(model, cfg.optim.max_grad_norm)
+        loss_sum, correct = all_reduce_sum([loss_sum, correct], session.device)
         loss = loss_sum / masked_total
-        common.check_finite(loss, step + 1)
+        optimization.check_finite(loss, step + 1)
         lr = sched.get_last_lr()[0]
         optimizer.step()
         sched.step()
@@ -145,10 +147,10 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
         metrics = progress.step(step, ids.numel() * session.world_size,
                                 {"loss": loss, "accuracy": correct / masked_total, "lr": lr, "grad_norm": norm})
         if step % cfg.run.checkpoint_every == 0 or step == total_steps:
-            weights, optimizer_state = common.full_state(model, optimizer)
+            weights, optimizer_state = checkpoints.full_state(model, optimizer)
             state = {"step": step, "batches_consumed": consumed, "loss": loss, "weights": weights,
                      "optimizer": optimizer_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-            session.report(metrics, step, lambda f: common.write_checkpoint(f, model, tokenizer, state))
+            session.report(metrics, step, lambda f: checkpoints.write_checkpoint(f, model, tokenizer, state))
     return {"step": step, **metrics}
 
 
@@ -164,7 +166,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
 
     cfg = from_dict(MLMConfig, loop_config["config"])
     session = Session.from_ray(cfg.run)
-    batches = rank_slices(common.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
+    batches = rank_slices(ingest.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
                           session.world_size)  # fmt: skip
     return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
 
@@ -186,16 +188,16 @@ def build_dataset(cfg: MLMConfig):
     for epoch in range(math.ceil(total / per_epoch)):
         ds = base
         if cfg.shuffle:
-            ds = ds.map_batches(common.SeededOrder(cfg.run.seed, epoch), batch_format="numpy").sort("order")
+            ds = ds.map_batches(ingest.SeededOrder(cfg.run.seed, epoch), batch_format="numpy").sort("order")
         epochs.append(ds.map_batches(MaskTokens(cfg.mlm_probability, cfg.run.seed, epoch), batch_format="numpy"))
     return epochs, total
 
 
 def run(config: MLMConfig) -> dict[str, Any]:
     """Train and export; returns {"model": output folder, "checkpoint", "steps", "metrics", "mlflow_run_id"}."""
-    common.ray_data_setup()
+    ingest.ray_data_setup()
     datasets, total_steps = build_dataset(config)
-    return common.fit("mlm", config, train_loop_per_worker, datasets, total_steps, kind="mlm")
+    return launch.fit("mlm", config, train_loop_per_worker, datasets, total_steps, kind="mlm")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,58 @@
+"""Config sections every training stage shares (every key required: a missing one is an error naming it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float  # on >= 2-D weights only
+    warmup_steps: int  # give warmup_steps or warmup_ratio, not both
+    warmup_ratio: float  # fraction of the total steps (MLM: 0.06)
+    schedule: Literal["linear", "cosine"]  # decay to 0 after the warm-up
+    max_grad_norm: float  # 0 = no clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set optim.warmup_steps or optim.warmup_ratio, not both")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0 (got {self.lr})")
+
+
+@dataclass
+class RunSettings:
+    name: str  # Ray Train run name; re-running the same (storage_path, name) resumes it
+    storage_path: str  # Ray Train storage: checkpoints and run state (a path, s3:// or gs://)
+    num_workers: int  # 0 = run the loop in the driver process (tests)
+    strategy: Literal["ddp", "fsdp"]  # fsdp: FSDP2, each worker holds 1/num_workers of weights, grads, optimizer
+    use_gpu: bool
+    cpus_per_worker: float
+    precision: Literal["fp32", "bf16"]  # bf16 autocast needs a GPU
+    checkpoint_every: int  # steps
+    keep_checkpoints: int
+    max_failures: int  # Ray Train restarts from the last checkpoint this many times
+    log_every: int  # steps between console lines and MLflow metrics
+    seed: int
+    row_log: str | None  # folder for per-rank JSON lines of the row ids of every step (data audit)
+    fault_step: int  # chaos test: rank 0 SIGKILLs itself at this step of the first attempt; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("run.precision=bf16 needs run.use_gpu=true (CPU training runs in fp32)")
+        for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"run.{key} must be >= 1")
+
+
+@dataclass
+class MlflowSettings:
+    experiment: str
+    parent_run_id: str | None  # nest under a pipeline run; None -> $MLFLOW_PARENT_RUN_ID if set
+    artifact_location: str | None  # for a new experiment; None -> beside a sqlite store, else the server's

@@ -1,0 +1,61 @@
+"""MLflow for the training stages: the stage run, the dataset manifest, the tracking URI workers can reach."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from workflows.settings import MlflowSettings
+
+log = logging.getLogger("workflows.train")
+
+
+@contextlib.contextmanager
+def mlflow_run(stage: str, config: Any, settings: MlflowSettings) -> Iterator[dict[str, str]]:
+    """The active run (a pipeline's child run, which has the params already), else a new run named after the
+    stage with the whole config as params, nested under ``parent_run_id`` / $MLFLOW_PARENT_RUN_ID if given."""
+    import mlflow
+
+    from ops.config import flatten
+
+    uri = tracking_uri()
+    active = mlflow.active_run()
+    if active is not None:
+        yield {"run_id": active.info.run_id, "tracking_uri": uri}
+        return
+    parent = settings.parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID")
+    tags = {"stage": stage, **({"mlflow.parentRunId": parent} if parent else {})}
+    from evaluation.report import experiment_id
+
+    experiment = experiment_id(settings.experiment, settings.artifact_location)
+    with mlflow.start_run(experiment_id=experiment, run_name=stage, tags=tags) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
+        yield {"run_id": run.info.run_id, "tracking_uri": uri}
+
+
+def log_manifest(data_dir: str) -> None:
+    """The dataset manifest of the stage's input folder as an MLflow artifact (and a few params)."""
+    import mlflow
+
+    from ops.io import exists, join, read_manifest
+
+    if not exists(join(data_dir, "manifest.json")):
+        log.warning("no manifest.json in %s; the run records no dataset manifest", data_dir)
+        return
+    manifest = read_manifest(data_dir)
+    mlflow.log_dict(manifest, "dataset/manifest.json")
+    mlflow.set_tag("dataset", data_dir)
+
+
+def tracking_uri() -> str:
+    """MLflow's tracking URI with a relative sqlite path made absolute (workers run elsewhere)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
