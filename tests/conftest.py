@@ -1,12 +1,24 @@
-"""One quiet local Ray for the whole session, offline hubs, and a real MLflow sqlite store per test."""
+"""One quiet local Ray for the whole session (token authentication on), offline hubs, and a real MLflow
+sqlite store per test."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
+# Ray's token authentication, on as for users (Ray 2.60's default for a local Ray), with this session's own token
+# in a private folder: a local ray.init() would otherwise create the user's ~/.ray/auth_token.
+_token_dir = Path(tempfile.mkdtemp(prefix="ray-token-"))  # mode 0700
+atexit.register(shutil.rmtree, _token_dir, True)
+(_token_dir / "auth_token").write_text(secrets.token_hex(32))
+os.environ.pop("RAY_AUTH_TOKEN", None)
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(_token_dir / "auth_token"))
+
 for key, value in {
-    "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SCHEDULER_EVENTS": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",

@@ -1,44 +1,27 @@
-"""`ray job submit` against a real `ray start --head`: a stage runs as a job; status and logs are visible.
+"""`ray job submit` against a real `ray start --head` in token-auth mode: a stage runs as a job with the token;
+status and logs are visible; a client without the token (or with a wrong one) is refused.
 
-Runs in its own pytest process (marker ``cluster``, see the Makefile): `ray stop` ends every Ray process of the
-user, so it must not share a session with the in-process Ray of the other tests."""
+Marker ``cluster`` (a separate pytest process, see the Makefile): the head is a second Ray beside the in-process
+session of the other tests. `tests/ray_head.py` gives it its own ports, temp dir and token and ends only it."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from ray_head import ray_head as start_ray_head
+
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
-def ray_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([str(BIN / "ray"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-
-
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
-    started = ray_cli("start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-                      f"--temp-dir={temp}", "--include-dashboard=true")  # fmt: skip
-    assert started.returncode == 0, started.stderr
-    try:
-        yield "http://127.0.0.1:8265"
-    finally:
-        ray_cli("stop", "--force")
-        shutil.rmtree(temp, ignore_errors=True)
+    with start_ray_head(num_cpus=2) as head:
+        yield head
 
 
 def test_a_stage_runs_as_a_ray_job(ray_head, tmp_path, shared_data):
@@ -49,11 +32,24 @@ def test_a_stage_runs_as_a_ray_job(ray_head, tmp_path, shared_data):
                           "format": "text", "doc_split": "line", "max_rows_per_file": 300}]  # fmt: skip
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     job_id = f"mlm-data-{int(time.time())}"
-    submitted = ray_cli("job", "submit", "--address", ray_head, "--submission-id", job_id, "--working-dir", ".",
-                        "--", "python", "-m", "ops.mlm_data", "--config", str(tmp_path / "job.yaml"))  # fmt: skip
+    submitted = ray_head.cli("job", "submit", "--address", ray_head.dashboard_url, "--submission-id", job_id,
+                             "--working-dir", ".", "--",
+                             "python", "-m", "ops.mlm_data", "--config", str(tmp_path / "job.yaml"))  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-    status = ray_cli("job", "status", "--address", ray_head, job_id)
+    status = ray_head.cli("job", "status", "--address", ray_head.dashboard_url, job_id)
     assert "succeeded" in (status.stdout + status.stderr).lower()
-    logs = ray_cli("job", "logs", "--address", ray_head, job_id)
+    logs = ray_head.cli("job", "logs", "--address", ray_head.dashboard_url, job_id)
     assert "rows" in logs.stdout
     assert (tmp_path / "mlm-data" / "manifest.json").is_file()
+
+
+def test_a_submit_without_the_token_is_refused(ray_head, tmp_path):
+    marker = tmp_path / "ran"
+    command = ["job", "submit", "--address", ray_head.dashboard_url, "--", "python", "-c", f"open('{marker}', 'w')"]
+    anonymous = ray_head.cli(*command, with_token=False, timeout=120)
+    assert anonymous.returncode != 0
+    assert "authentication" in (anonymous.stdout + anonymous.stderr).lower()
+    wrong = ray_head.cli(*command, env={**ray_head.env(), "RAY_AUTH_TOKEN": "0" * 64}, timeout=120)
+    assert wrong.returncode != 0
+    assert "authentication" in (wrong.stdout + wrong.stderr).lower()
+    assert not marker.exists()
