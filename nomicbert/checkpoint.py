@@ -25,6 +25,7 @@ from nomicbert.model import NomicBertForPreTraining, NomicBertForSequenceClassif
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 ModelKind = Literal["encoder", "mlm", "classifier"]
+POOLING_FLAGS = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "lasttoken": "lasttoken"}
 StateDict = dict[str, torch.Tensor]
 
 # Nomic key -> transformers-native key, per layer ({} = layer index). Wqkv splits into three.
@@ -297,32 +298,41 @@ def export_sentence_transformers(model: NomicBertModel, folder: str | os.PathLik
     if not isinstance(model, NomicBertModel):
         raise TypeError("export_sentence_transformers takes an encoder (NomicBertModel)")
     folder = export_hf(model, folder, tokenizer)
-    hidden = model.config.hidden_size
+    write_sentence_transformers_config(folder, model.config.hidden_size, layer_norm=model.config.embedding_recipe == "v1.5",
+                                       max_seq_length=max_seq_length, prompts=TASK_PREFIXES)  # fmt: skip
+    return folder
+
+
+def write_sentence_transformers_config(folder: Path, hidden: int, pooling: str = "mean", layer_norm: bool = False,
+                                       normalize: bool = True, max_seq_length: int = 512,
+                                       prompts: dict[str, str] | None = None) -> None:  # fmt: skip
+    """The sentence-transformers files beside a transformers model at ``folder``'s root: Transformer ->
+    Pooling -> [weightless LayerNorm (v1.5)] -> [Normalize], max length, task prompts."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(
-        json.dumps({"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True}, indent=2)
+        json.dumps({"word_embedding_dimension": hidden, f"pooling_mode_{POOLING_FLAGS[pooling]}": True}, indent=2)
     )
-    if model.config.embedding_recipe == "v1.5":
+    if layer_norm:
         from sentence_transformers.models import LayerNorm
 
         (folder / "2_LayerNorm").mkdir(exist_ok=True)
         LayerNorm(hidden).save(str(folder / "2_LayerNorm"))  # eps 1e-5, weight 1, bias 0: v1.5's weightless LN
         modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"})
-    modules.append({"idx": len(modules), "name": str(len(modules)), "path": "",
-                    "type": "sentence_transformers.models.Normalize"})  # fmt: skip
+    if normalize:
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "",
+                        "type": "sentence_transformers.models.Normalize"})  # fmt: skip
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
     )
     (folder / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": dict(TASK_PREFIXES), "default_prompt_name": None, "similarity_fn_name": "cosine"},
+        json.dumps({"prompts": dict(prompts or {}), "default_prompt_name": None, "similarity_fn_name": "cosine"},
                    indent=2)  # fmt: skip
     )
-    return folder
 
 
 def export_all(model: nn.Module, folder: str | os.PathLike, tokenizer=None) -> Path:
