@@ -6,16 +6,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
+from mlflow_server import free_port, mlflow_server
 
 from ops.config import load_config
 from workflows.pipeline import PipelineConfig, StageFailed
@@ -119,32 +117,13 @@ def test_failing_stage_names_itself_and_keeps_earlier_outputs(finished_pipeline,
     assert failed and "missing.tsv" in failed[0].data.tags["error"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_mlflow_server_shows_the_pipeline_runs(finished_pipeline):
     """Start the real tracking server on the pipeline's store; read the runs back over HTTP (and in a browser)."""
     tmp, _, _ = finished_pipeline
     port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.read().strip() == b"OK":
-                        break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow server did not come up") from None
-                time.sleep(1)
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+               f"sqlite:///{tmp / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with mlflow_server(command, port) as url:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=url)
@@ -163,6 +142,3 @@ def test_mlflow_server_shows_the_pipeline_runs(finished_pipeline):
                  f"{url}/#/experiments/{experiment.experiment_id}"],
                 capture_output=True, text=True, timeout=120).stdout  # fmt: skip
             assert "platform-test" in dom, "the MLflow UI page did not render the pipeline's run"
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)

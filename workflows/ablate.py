@@ -134,6 +134,7 @@ def trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     config: AblateConfig = setup["config"]
     task = ray.remote(fine_tune_and_evaluate).options(
         num_cpus=config.trial_cpus, num_gpus=config.trial_gpus, max_retries=0,
+        runtime_env={"env_vars": setup["mlflow_client_env"]},  # the trial logs with the driver's MLflow credentials
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))  # fmt: skip
     tune.report(ray.get(task.remote(params, setup, tune.get_context().get_trial_id())))
 
@@ -190,7 +191,7 @@ def run(config: AblateConfig) -> dict[str, Any]:
     with mlflow.start_run(experiment_id=experiment, run_name=config.name, tags={"ablation": config.name}) as parent:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config).items()})
         setup = {"config": config, "finetune": raw, "tracking_uri": uri, "experiment_id": experiment,
-                 "parent_run_id": parent.info.run_id}  # fmt: skip
+                 "parent_run_id": parent.info.run_id, "mlflow_client_env": tracking.client_env()}  # fmt: skip
         # the trial itself only waits; its task holds trial_cpus / trial_gpus (see `trial`)
         trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"cpu": 0.01})
         tuner = tune.Tuner(

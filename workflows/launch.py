@@ -10,7 +10,7 @@ from typing import Any
 
 from workflows.checkpoints import PROGRESS_FILE, STATE_DIR, export_final
 from workflows.ingest import epoch_datasets
-from workflows.tracking import log_manifest, mlflow_run
+from workflows.tracking import client_env, log_manifest, mlflow_run
 
 
 def absolute_paths(config: Any) -> Any:
@@ -62,6 +62,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: list[Any
                 storage_path=str(Path(run.storage_path).resolve()) if "://" not in run.storage_path else run.storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                worker_runtime_env={"env_vars": client_env()},  # rank 0 logs to MLflow with the driver's credentials
             ),
             datasets=epoch_datasets(datasets),
             # every worker reads the same ordered stream and keeps its slice of each global batch (exact resume)

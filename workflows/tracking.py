@@ -12,6 +12,9 @@ from typing import Any
 from workflows.settings import MlflowSettings
 
 log = logging.getLogger("workflows.train")
+# What an MLflow client needs besides the URI: credentials (a basic-auth server) and TLS settings.
+CLIENT_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+              "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_CLIENT_CERT_PATH")  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -59,3 +62,9 @@ def tracking_uri() -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     return uri
+
+
+def client_env() -> dict[str, str]:
+    """The driver's MLflow client settings, for the Ray workers that log: a worker inherits the environment of the
+    Ray node it runs on, not the driver's, unless the driver started that Ray itself."""
+    return {key: os.environ[key] for key in CLIENT_ENV if os.environ.get(key)}
