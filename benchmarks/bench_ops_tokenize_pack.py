@@ -22,7 +22,7 @@ import platform
 import time
 from pathlib import Path
 
-for key, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
                    "RAY_DATA_LOG_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
                    "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():  # fmt: skip
     os.environ.setdefault(key, value)
