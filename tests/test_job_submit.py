@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from ray_head import ray_head as start_ray_head
 
 pytestmark = pytest.mark.cluster
