@@ -1,15 +1,21 @@
-"""NomicBERT: the model, its checkpoints, tokenizer, embedding API and losses. Imports no other package of ours."""
+"""NomicBERT: the model, its checkpoints, tokenizer, embedding API and losses. Imports no other package of ours.
 
-from nomicbert.attention import Segments, varlen_attention
-from nomicbert.config import NomicBertConfig, preset
-from nomicbert.model import (
-    MaskedLMOutput,
-    NomicBertForPreTraining,
-    NomicBertForSequenceClassification,
-    NomicBertModel,
-    count_parameters,
-)
+Names are imported on first use, so ``python -m nomicbert`` checks its arguments before it pays for torch.
+"""
 
+from importlib import import_module
+
+_EXPORTS = {
+    "MaskedLMOutput": "nomicbert.model",
+    "NomicBertConfig": "nomicbert.config",
+    "NomicBertForPreTraining": "nomicbert.model",
+    "NomicBertForSequenceClassification": "nomicbert.model",
+    "NomicBertModel": "nomicbert.model",
+    "Segments": "nomicbert.attention",
+    "count_parameters": "nomicbert.model",
+    "preset": "nomicbert.config",
+    "varlen_attention": "nomicbert.attention",
+}
 __all__ = [
     "MaskedLMOutput",
     "NomicBertConfig",
@@ -21,3 +27,9 @@ __all__ = [
     "preset",
     "varlen_attention",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'nomicbert' has no attribute {name!r}")

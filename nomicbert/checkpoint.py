@@ -19,11 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nomicbert.config import NomicBertConfig
+from nomicbert.config import CONFIG_NAME, NomicBertConfig, hub_error, load_config, local_folder, read_config
 from nomicbert.model import NomicBertForPreTraining, NomicBertForSequenceClassification, NomicBertModel
 
 WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 ModelKind = Literal["encoder", "mlm", "classifier"]
 POOLING_FLAGS = {"mean": "mean_tokens", "cls": "cls_token", "max": "max_tokens", "lasttoken": "lasttoken"}
 StateDict = dict[str, torch.Tensor]
@@ -141,13 +140,18 @@ def encoder_from_pretraining(state: StateDict) -> StateDict:
     return {k[len("bert.") :]: v for k, v in state.items() if k.startswith("bert.")}
 
 
+DECODER = "cls.predictions.decoder.weight"
+WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
+
+
 def load_state_dict_strict(model: nn.Module, state: StateDict, allow_missing: tuple[str, ...] = ()) -> None:
     """Load or raise `CheckpointError` naming every missing, unexpected or mis-shaped key.
     ``allow_missing``: key prefixes the caller initialises afresh (e.g. a new classification head)."""
     expected = model.state_dict()
-    tied = {"cls.predictions.decoder.weight"}  # stored once, under the word embeddings
+    config = getattr(model, "config", None)
+    tied = {DECODER} if config is None or config.tie_word_embeddings else set()  # stored once, as word embeddings
     missing = [k for k in expected if k not in state and k not in tied and not k.startswith(allow_missing)]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [k for k in state if k not in expected or k in tied]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in state if k in expected and state[k].shape != expected[k].shape]  # fmt: skip
     problems = []
@@ -162,18 +166,31 @@ def load_state_dict_strict(model: nn.Module, state: StateDict, allow_missing: tu
     model.load_state_dict(state, strict=False)
 
 
+def drop_tied_decoder(state: StateDict, config: NomicBertConfig, source: str | os.PathLike) -> StateDict:
+    """A tied model stores its decoder once, as the word embeddings: a decoder key equal to them (transformers'
+    export writes one) is dropped; a different one would overwrite the embeddings on load, so it is an error
+    unless config.json says ``tie_word_embeddings: false``."""
+    if DECODER not in state or not config.tie_word_embeddings:
+        return state
+    embeddings = state.get(WORD_EMBEDDINGS)
+    if embeddings is None or not torch.equal(state[DECODER], embeddings):
+        raise CheckpointError(f"{source}: {DECODER} differs from {WORD_EMBEDDINGS}, but config.json says "
+                              "tie_word_embeddings: true; loading it would overwrite the word embeddings. Set "
+                              "tie_word_embeddings: false in config.json to load an untied decoder")  # fmt: skip
+    return {k: v for k, v in state.items() if k != DECODER}
+
+
 def resolve(source: str | os.PathLike) -> Path:
     """A local folder, or a Hub id downloaded to the local cache (needs the network or a warm cache)."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{source} is a file; expected a model folder with {CONFIG_NAME} and weights")
-    if str(source).startswith((".", "/")) or str(source).count("/") != 1:
-        raise FileNotFoundError(f"model folder {source} does not exist")
+    folder = local_folder(source)
+    if folder is not None:
+        return folder
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except (OSError, ValueError) as err:
+        raise hub_error(source, err) from None
 
 
 def read_state_dict(folder: Path) -> StateDict:
@@ -186,13 +203,6 @@ def read_state_dict(folder: Path) -> StateDict:
     for file in files:
         state.update(load_file(file))
     return state
-
-
-def read_config(folder: Path) -> NomicBertConfig:
-    file = folder / CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
-    return NomicBertConfig.from_dict(json.loads(file.read_text()))
 
 
 def build(config: NomicBertConfig, kind: ModelKind) -> nn.Module:
@@ -215,6 +225,7 @@ def load_model(source: str | os.PathLike, kind: ModelKind = "encoder", **config_
     folder = resolve(source)
     config = read_config(folder).replace(**config_overrides)
     state = to_nomic_layout(read_state_dict(folder))
+    state = drop_tied_decoder(state, config, source)
     is_pretraining = any(k.startswith("bert.") for k in state)
     model = build(config, kind)
     if kind == "encoder":
@@ -236,7 +247,8 @@ def load_model(source: str | os.PathLike, kind: ModelKind = "encoder", **config_
 
 def _state_to_save(model: nn.Module, weights: StateDict | None = None) -> StateDict:
     state = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
-    state.pop("cls.predictions.decoder.weight", None)  # tied to the word embeddings
+    if getattr(model, "config", None) is None or model.config.tie_word_embeddings:
+        state.pop(DECODER, None)  # tied: stored once, as the word embeddings
     return state
 
 
@@ -268,21 +280,13 @@ def export_hf(model: nn.Module, folder: str | os.PathLike, tokenizer=None) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     config: NomicBertConfig = model.config
     raw = config.to_hf_dict()
-    if config.rotary_scaling_factor:
-        raw["rope_parameters"] = {
-            "rope_type": "dynamic",
-            "factor": float(config.rotary_scaling_factor),
-            "rope_theta": config.rotary_emb_base,
-        }
-    else:
-        raw["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rotary_emb_base}
     if isinstance(model, NomicBertForPreTraining):
         raw["architectures"] = ["NomicBertForMaskedLM"]
     elif isinstance(model, NomicBertForSequenceClassification):
         raw["architectures"] = ["NomicBertForSequenceClassification"]
     state = nomic_to_hf(_state_to_save(model))
-    if isinstance(model, NomicBertForPreTraining):
-        state["cls.predictions.decoder.weight"] = state["nomic_bert.embeddings.word_embeddings.weight"].clone()
+    if isinstance(model, NomicBertForPreTraining) and config.tie_word_embeddings:
+        state[DECODER] = state["nomic_bert.embeddings.word_embeddings.weight"].clone()
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(raw, indent=2))
     copy_tokenizer(tokenizer, folder)
@@ -350,6 +354,7 @@ __all__ = [
     "export_hf",
     "export_sentence_transformers",
     "hf_to_nomic",
+    "load_config",
     "load_model",
     "load_state_dict_strict",
     "nomic_to_hf",

@@ -8,11 +8,31 @@ We read both and write the Nomic layout, so our folders load wherever the publis
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+CONFIG_NAME = "config.json"
 EmbeddingRecipe = Literal["v1", "v1.5"]
 NtkLength = Literal["sequence", "batch"]
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+TASK_PREFIXES = {
+    "search_query": "search_query: ",
+    "search_document": "search_document: ",
+    "classification": "classification: ",
+    "clustering": "clustering: ",
+}
+MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)  # the dims v1.5 is trained at (spec §7.2)
+MIN_DIM = 64
+
+
+def check_dim(dim: int | None, hidden_size: int) -> None:
+    """An embedding dim must lie within MIN_DIM (or the width, when smaller) and the model's width."""
+    if dim is not None and not (min(MIN_DIM, hidden_size) <= dim <= hidden_size):
+        raise ValueError(f"embedding dim {dim} is outside {min(MIN_DIM, hidden_size)}..{hidden_size}")
 
 
 @dataclass
@@ -36,8 +56,9 @@ class NomicBertConfig:
     ntk_length: NtkLength = "sequence"  # "batch": the reference's padded-length rule, for parity only
     embedding_recipe: EmbeddingRecipe = "v1"  # v1: mean -> L2; v1.5: mean -> LayerNorm -> slice -> L2
     num_labels: int = 2  # sequence-classification head (GLUE)
-    problem_type: str | None = None
+    problem_type: str | None = None  # None: MSE for 1 label, else cross-entropy; or one of PROBLEM_TYPES
     classifier_dropout: float = 0.1
+    tie_word_embeddings: bool = True  # the masked-LM decoder shares the word embeddings (published: tied)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, written back as-is
 
     def __post_init__(self) -> None:
@@ -53,10 +74,21 @@ class NomicBertConfig:
             raise ValueError(f"ntk_length must be 'sequence' or 'batch' (got {self.ntk_length!r})")
         if self.embedding_recipe not in ("v1", "v1.5"):
             raise ValueError(f"embedding_recipe must be 'v1' or 'v1.5' (got {self.embedding_recipe!r})")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {list(PROBLEM_TYPES)} or null (got {self.problem_type!r})")
+        if not 0 <= self.classifier_dropout < 1:
+            raise ValueError(f"classifier_dropout must be within [0, 1) (got {self.classifier_dropout})")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def trained_dims(self) -> tuple[int, ...]:
+        """Embedding dims the model was trained to serve: the Matryoshka dims for v1.5, else the full width."""
+        if self.embedding_recipe == "v1.5":
+            return tuple(sorted({self.hidden_size, *(d for d in MATRYOSHKA_DIMS if d <= self.hidden_size)}, reverse=True))
+        return (self.hidden_size,)
 
     def replace(self, **changes: Any) -> NomicBertConfig:
         return dataclasses.replace(self, **changes)
@@ -96,7 +128,7 @@ class NomicBertConfig:
             "causal": False,
             "use_rms_norm": False,
             "parallel_block": False,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
             "attn_pdrop": 0.0,
@@ -109,7 +141,13 @@ class NomicBertConfig:
 
     # ---- config.json, transformers native ``nomic_bert`` layout ----
     def to_hf_dict(self) -> dict[str, Any]:
+        """The native layout; fields it has no name for keep ours (``nomicbert_*``), so a reload is exact."""
+        if self.rotary_scaling_factor:
+            rope = {"rope_type": "dynamic", "factor": float(self.rotary_scaling_factor), "rope_theta": self.rotary_emb_base}
+        else:
+            rope = {"rope_type": "default", "rope_theta": self.rotary_emb_base}
         return {
+            **self.extra,
             "architectures": ["NomicBertModel"],
             "model_type": "nomic_bert",
             "vocab_size": self.vocab_size,
@@ -118,16 +156,21 @@ class NomicBertConfig:
             "num_attention_heads": self.num_attention_heads,
             "intermediate_size": self.intermediate_size,
             "hidden_act": "silu",
-            "max_position_embeddings": self.max_trained_positions,
+            "max_position_embeddings": self.max_trained_positions,  # where transformers' dynamic NTK starts
             "type_vocab_size": self.type_vocab_size,
             "pad_token_id": self.pad_token_id,
             "layer_norm_eps": self.layer_norm_eps,
             "initializer_range": self.initializer_range,
             "hidden_dropout_prob": 0.0,
             "attention_probs_dropout_prob": 0.0,
-            "classifier_dropout": self.classifier_dropout,
-            "rope_theta": self.rotary_emb_base,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "num_labels": self.num_labels,
+            "problem_type": self.problem_type,
+            "classifier_dropout": self.classifier_dropout,
+            "nomicbert_max_position_embeddings": self.max_position_embeddings,
+            "nomicbert_embedding_recipe": self.embedding_recipe,
+            "nomicbert_ntk_length": self.ntk_length,
         }
 
     @classmethod
@@ -138,6 +181,30 @@ class NomicBertConfig:
         if "n_embd" in raw or "n_layer" in raw:
             return cls._from_nomic(raw)
         return cls._from_hf(raw)
+
+    @staticmethod
+    def _common(raw: dict[str, Any]) -> dict[str, Any]:
+        """Fields named alike in both layouts. A missing value takes the default; a present one is kept, 0.0
+        included. ``id2label`` (what transformers writes) gives the label count when ``num_labels`` is absent."""
+        labels = raw.get("num_labels", len(raw["id2label"]) if isinstance(raw.get("id2label"), dict) else 2)
+        dropout = raw.get("classifier_dropout")
+        tied = raw.get("tie_word_embeddings")
+        return {
+            "num_labels": int(labels),
+            "problem_type": raw.get("problem_type"),
+            "classifier_dropout": 0.1 if dropout is None else float(dropout),
+            "tie_word_embeddings": True if tied is None else bool(tied),
+            "pad_token_id": raw.get("pad_token_id") or 0,
+            "vocab_size": raw.get("vocab_size", 30528),
+            "type_vocab_size": raw.get("type_vocab_size", 2),
+            "initializer_range": raw.get("initializer_range", 0.02),
+            "ntk_length": raw.get("nomicbert_ntk_length", "sequence"),
+            "embedding_recipe": raw.get("nomicbert_embedding_recipe", "v1"),
+        }
+
+    _COMMON_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "classifier_dropout", "tie_word_embeddings",
+                    "pad_token_id", "vocab_size", "type_vocab_size", "initializer_range", "nomicbert_ntk_length",
+                    "nomicbert_embedding_recipe", "architectures", "model_type")  # fmt: skip
 
     @classmethod
     def _from_nomic(cls, raw: dict[str, Any]) -> NomicBertConfig:
@@ -150,6 +217,7 @@ class NomicBertConfig:
             "qkv_proj_bias": False,
             "mlp_fc1_bias": False,
             "mlp_fc2_bias": False,
+            "rotary_emb_scale_base": None,
         }
         for key, expected in unsupported.items():
             if key in raw and raw[key] not in (expected, None):
@@ -157,35 +225,24 @@ class NomicBertConfig:
         if raw.get("activation_function", "swiglu") != "swiglu":
             raise ValueError(f"config.json sets activation_function={raw['activation_function']!r}; expected 'swiglu'")
         known = {
-            "vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "max_trained_positions",
-            "type_vocab_size", "pad_token_id", "layer_norm_epsilon", "initializer_range", "rotary_emb_base",
-            "rotary_emb_fraction", "rotary_scaling_factor", "num_labels", "problem_type", "classifier_dropout",
-            "nomicbert_embedding_recipe", "nomicbert_ntk_length", "architectures", "model_type", "auto_map",
-            "activation_function", "tie_word_embeddings", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-            *unsupported,
+            "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "max_trained_positions", "layer_norm_epsilon",
+            "rotary_emb_base", "rotary_emb_fraction", "rotary_scaling_factor", "auto_map", "activation_function",
+            "resid_pdrop", "embd_pdrop", "attn_pdrop", *cls._COMMON_KEYS, *unsupported,
         }  # fmt: skip
         hidden = raw.get("n_embd", 768)
         n_inner = raw.get("n_inner") or 4 * hidden
         return cls(
-            vocab_size=raw.get("vocab_size", 30528),
             hidden_size=hidden,
             num_hidden_layers=raw.get("n_layer", 12),
             num_attention_heads=raw.get("n_head", 12),
             intermediate_size=int(n_inner),
-            type_vocab_size=raw.get("type_vocab_size", 2),
-            pad_token_id=raw.get("pad_token_id") or 0,
             layer_norm_eps=raw.get("layer_norm_epsilon", 1e-12),
-            initializer_range=raw.get("initializer_range", 0.02),
             max_trained_positions=raw.get("max_trained_positions", 2048),
             max_position_embeddings=raw.get("n_positions", 8192),
             rotary_emb_base=float(raw.get("rotary_emb_base", 1000.0)),
             rotary_emb_fraction=float(raw.get("rotary_emb_fraction", 1.0)),
             rotary_scaling_factor=raw.get("rotary_scaling_factor"),
-            ntk_length=raw.get("nomicbert_ntk_length", "sequence"),
-            embedding_recipe=raw.get("nomicbert_embedding_recipe", "v1"),
-            num_labels=raw.get("num_labels", 2),
-            problem_type=raw.get("problem_type"),
-            classifier_dropout=raw.get("classifier_dropout") or 0.1,
+            **cls._common(raw),
             extra={k: v for k, v in raw.items() if k not in known},
         )
 
@@ -194,21 +251,30 @@ class NomicBertConfig:
         act = raw.get("hidden_act", "silu")
         if act not in ("silu", "swiglu"):
             raise ValueError(f"config.json sets hidden_act={act!r}; NomicBert's MLP is SwiGLU (silu)")
-        rope = raw.get("rope_parameters") or {}
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "dynamic"):
+            raise ValueError(f"config.json sets rope_type={rope_type!r}; NomicBert supports 'default' and 'dynamic' (NTK)")
+        factor = rope.get("factor") if rope_type == "dynamic" else None
+        known = {
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+            "max_position_embeddings", "layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob",
+            "rope_parameters", "rope_scaling", "rope_theta", "nomicbert_max_position_embeddings", "head_dim",
+            "transformers_version", "dtype", "torch_dtype", *cls._COMMON_KEYS,
+        }  # fmt: skip
+        trained = raw.get("max_position_embeddings", 2048)
         return cls(
-            vocab_size=raw.get("vocab_size", 30528),
             hidden_size=raw.get("hidden_size", 768),
             num_hidden_layers=raw.get("num_hidden_layers", 12),
             num_attention_heads=raw.get("num_attention_heads", 12),
             intermediate_size=raw.get("intermediate_size", 3072),
-            type_vocab_size=raw.get("type_vocab_size", 2),
-            pad_token_id=raw.get("pad_token_id") or 0,
             layer_norm_eps=raw.get("layer_norm_eps", 1e-12),
-            initializer_range=raw.get("initializer_range", 0.02),
-            max_trained_positions=raw.get("max_position_embeddings", 2048),
+            max_trained_positions=trained,
+            max_position_embeddings=raw.get("nomicbert_max_position_embeddings", max(8192, trained)),
             rotary_emb_base=float(rope.get("rope_theta", raw.get("rope_theta", 1000.0))),
-            num_labels=raw.get("num_labels", 2),
-            classifier_dropout=raw.get("classifier_dropout") or 0.1,
+            rotary_scaling_factor=None if factor is None else float(factor),
+            **cls._common(raw),
+            extra={k: v for k, v in raw.items() if k not in known},
         )
 
 
@@ -252,3 +318,60 @@ def preset(name: str) -> NomicBertConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+# ---- where a model lives: a local folder or a Hub id; its config without any weights (no torch import) ----
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".npy", ".txt")
+
+
+def local_folder(source: str | os.PathLike) -> Path | None:
+    """The folder ``source`` names, or None when it reads as a Hub id (``owner/name`` whose owner is no local
+    folder). A local-looking path that does not exist is an error, never a Hub request."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{source} is a file; expected a model folder with {CONFIG_NAME} and weights")
+    text = str(source)
+    owner = text.split("/", 1)[0]
+    if not _HUB_ID.fullmatch(text) or text.endswith(_FILE_SUFFIXES) or Path(owner).is_dir():
+        why = f" ({owner}/ exists here, so it is a local path)" if "/" in text and Path(owner).is_dir() else ""
+        raise FileNotFoundError(f"model folder {source} does not exist{why}; a Hub id reads owner/name")
+    return None
+
+
+def hub_error(source: str | os.PathLike, err: Exception) -> FileNotFoundError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return FileNotFoundError(f"cannot fetch {source} from the Hugging Face Hub ({first})")
+
+
+def read_config(folder: Path) -> NomicBertConfig:
+    """``folder/config.json`` of either layout; a file that is not a valid config is a ValueError naming it."""
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not a valid JSON config ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    try:
+        return NomicBertConfig.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{file}: {err}") from None
+
+
+def load_config(source: str | os.PathLike) -> NomicBertConfig:
+    """The config of a folder or Hub id without reading any weights: for checks that must come before loading."""
+    folder = local_folder(source)
+    if folder is not None:
+        return read_config(folder)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        file = Path(hf_hub_download(str(source), CONFIG_NAME))
+    except (OSError, ValueError) as err:
+        raise hub_error(source, err) from None
+    return read_config(file.parent)

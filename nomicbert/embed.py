@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nomicbert.attention import Segments
-from nomicbert.config import NomicBertConfig
+from nomicbert.config import TASK_PREFIXES, NomicBertConfig, check_dim
 from nomicbert.model import NomicBertModel
 
-TASK_PREFIXES = {
-    "search_query": "search_query: ",
-    "search_document": "search_document: ",
-    "classification": "classification: ",
-    "clustering": "clustering: ",
-}
-MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)
-MIN_DIM = 64
+BinaryFormat = Literal["packed", "float"]
 
 
 def add_prefix(texts: Sequence[str], task: str | None) -> list[str]:
@@ -49,23 +43,51 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def check_dim(dim: int | None, hidden_size: int) -> None:
-    if dim is not None and not (min(MIN_DIM, hidden_size) <= dim <= hidden_size):
-        raise ValueError(f"embedding dim {dim} is outside {min(MIN_DIM, hidden_size)}..{hidden_size}")
-
-
 def finalize(pooled: torch.Tensor, recipe: str = "v1", dim: int | None = None, binary: bool = False,
              normalize: bool = True) -> torch.Tensor:  # fmt: skip
     """Pooled [n, H] -> embeddings. v1: L2. v1.5 (or any ``dim``/``binary``): weightless LayerNorm (eps 1e-5),
-    binary threshold if asked, first ``dim`` features, then L2 (spec §1.3)."""
+    binary threshold if asked, first ``dim`` features, then L2 (spec §1.3).
+
+    Degenerate rows are errors, not silent zeros: a non-finite pooled row (an overflow), or a float row of norm 0
+    that L2 cannot scale. A binary row with no positive bit is a valid code; its float form stays all zeros
+    (cosine 0 to everything), which is why `pack_bits` is the binary output of the CLI."""
     check_dim(dim, pooled.shape[-1])
     x = pooled.float()
+    _fail_on_rows(~torch.isfinite(x).all(-1), "are not finite (an overflow: run in fp32)")
     if recipe == "v1.5" or dim is not None or binary:
         x = F.layer_norm(x, (x.shape[-1],), eps=1e-5)
         if binary:
             x = (x > 0).float()
         x = x[:, :dim] if dim is not None else x
-    return F.normalize(x, dim=-1) if normalize else x
+    if not normalize:
+        return x
+    if not binary:
+        _fail_on_rows(x.norm(dim=-1) == 0, "are all zero and cannot be L2-normalised")
+    return F.normalize(x, dim=-1)
+
+
+def _fail_on_rows(bad: torch.Tensor, what: str) -> None:
+    if bad.any():
+        rows = bad.nonzero().flatten().tolist()
+        raise ValueError(f"{len(rows)} pooled embeddings (rows {rows[:10]}{' ...' if len(rows) > 10 else ''}) {what}")
+
+
+def pack_bits(bits: torch.Tensor | np.ndarray) -> np.ndarray:
+    """[n, d] {0, 1} -> uint8 [n, ceil(d / 8)], ``np.packbits`` (big-endian bits, the last byte zero-padded):
+    1/32 of float32. Hamming distance = popcount(a ^ b), e.g. ``np.bitwise_count(a ^ b).sum(-1)``."""
+    array = bits.numpy() if isinstance(bits, torch.Tensor) else np.asarray(bits)
+    return np.packbits(array > 0, axis=-1)
+
+
+def binary_format(binary: bool | str) -> BinaryFormat | None:
+    """``False`` -> None (float embeddings); ``True`` or ``"packed"`` -> packed bits; ``"float"`` -> {0,1} + L2."""
+    if binary is False or binary is None:
+        return None
+    if binary is True:
+        return "packed"
+    if binary not in ("packed", "float"):
+        raise ValueError(f"binary must be True, False, 'packed' or 'float' (got {binary!r})")
+    return binary
 
 
 class Embedder:
@@ -130,13 +152,20 @@ class Embedder:
             start += count
         return out
 
-    def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None, binary: bool = False,
-               normalize: bool = True) -> np.ndarray:  # fmt: skip
-        """float32 [len(texts), dim or hidden] in input order."""
+    def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None,
+               binary: bool | BinaryFormat = False, normalize: bool = True) -> np.ndarray:  # fmt: skip
+        """float32 [len(texts), dim or hidden] in input order. ``binary=True``/``"packed"``: uint8
+        [len(texts), ceil(d / 8)], the sign bits of the v1.5 features packed by `pack_bits`; ``binary="float"``:
+        the reference's evaluation form, L2-normalised {0, 1} floats."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of texts, not one string")
+        form = binary_format(binary)
+        width = dim or self.config.hidden_size
         if len(texts) == 0:
-            return np.zeros((0, dim or self.config.hidden_size), dtype=np.float32)
+            if form == "packed":
+                return np.zeros((0, (width + 7) // 8), dtype=np.uint8)
+            return np.zeros((0, width), dtype=np.float32)
         token_ids = self.tokenize(add_prefix(texts, task))
         pooled = self.pool(token_ids)
-        return finalize(pooled, self.config.embedding_recipe, dim, binary, normalize).numpy()
+        out = finalize(pooled, self.config.embedding_recipe, dim, form is not None, normalize and form != "packed")
+        return pack_bits(out) if form == "packed" else out.numpy()

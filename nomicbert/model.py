@@ -259,7 +259,8 @@ class NomicBertForPreTraining(nn.Module):
         self.bert = NomicBertModel(config, attn_backend=attn_backend)
         self.cls = NomicBertPreTrainingHeads(config)
         self.cls.apply(lambda m: init_weights(m, config))
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        if config.tie_word_embeddings:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward_packed(self, input_ids: torch.Tensor, segments: Segments, labels: torch.Tensor,
                        token_type_ids: torch.Tensor | None = None) -> MaskedLMOutput:  # fmt: skip
@@ -282,7 +283,9 @@ class NomicBertForPreTraining(nn.Module):
 
 
 class NomicBertForSequenceClassification(nn.Module):
-    """GLUE head: pooler (token 0, dense + tanh) -> dropout -> linear. MSE for 1 label, else cross-entropy."""
+    """GLUE head: pooler (token 0, dense + tanh) -> dropout -> linear. Loss by ``config.problem_type``: MSE
+    (regression; the default for 1 label), cross-entropy (single label; the default otherwise), or per-label
+    binary cross-entropy on {0, 1} label vectors (multi_label_classification)."""
 
     def __init__(self, config: NomicBertConfig, attn_backend: Backend = "auto"):
         super().__init__()
@@ -300,8 +303,11 @@ class NomicBertForSequenceClassification(nn.Module):
         logits = self.classifier(self.dropout(self.bert.pooler(hidden[:, 0])))
         loss = None
         if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            problem = self.config.problem_type or ("regression" if self.num_labels == 1 else "single_label")
+            if problem == "regression":
+                loss = F.mse_loss((logits.squeeze(-1) if self.num_labels == 1 else logits).float(), labels.float())
+            elif problem == "multi_label_classification":
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
         return loss, logits

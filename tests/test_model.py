@@ -28,12 +28,9 @@ from nomicbert.tokenizer import load_tokenizer
 
 def reference_model(config: NomicBertConfig, ours: torch.nn.Module) -> transformers.NomicBertModel:
     """transformers' NomicBertModel with our weights (a fresh instance: its NTK table is stateful)."""
-    raw = config.to_hf_dict()
+    raw = config.to_hf_dict()  # rope_parameters: dynamic NTK with the factor when it is set
     raw.pop("model_type"), raw.pop("architectures")
-    rope = {"rope_type": "default", "rope_theta": config.rotary_emb_base}
-    if config.rotary_scaling_factor:
-        rope = {"rope_type": "dynamic", "factor": config.rotary_scaling_factor, "rope_theta": config.rotary_emb_base}
-    reference = transformers.NomicBertModel(transformers.NomicBertConfig(**raw, rope_parameters=rope)).eval()
+    reference = transformers.NomicBertModel(transformers.NomicBertConfig(**raw)).eval()
     reference.load_state_dict(nomic_to_hf(ours.state_dict()), strict=True)
     return reference
 
