@@ -109,13 +109,15 @@ def write_jsonl(path: str, rows: Iterable[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def record_file_stats(output: str, key: str, source: str, rows_in: int, rows_ok: int,
-                      bad: list[dict[str, Any]]) -> None:  # fmt: skip
-    """Called by a reader when it finishes one input file: the accounting that ends up in the manifest."""
+def record_file_stats(output: str, key: str, source: str, rows_in: int, rows_ok: int, bad: list[dict[str, Any]],
+                      negatives_dropped: dict[str, int] | None = None) -> None:  # fmt: skip
+    """Called by a reader when it finishes one input file: the accounting that ends up in the manifest.
+    ``negatives_dropped``: items removed from the negatives lists of kept rows, by reason."""
     if bad:
         write_jsonl(join(output, QUARANTINE_DIR, f"{key}.jsonl"), bad)
     stats = {"source": source, "rows_in": rows_in, "rows_ok": rows_ok,
-             "dropped_by_reason": dict(Counter(r["reason"] for r in bad))}  # fmt: skip
+             "dropped_by_reason": dict(Counter(r["reason"] for r in bad)),
+             "negatives_dropped_by_reason": dict(negatives_dropped or {})}  # fmt: skip
     write_text(join(output, STATS_DIR, f"{key}.json"), json.dumps(stats))
 
 
@@ -132,15 +134,27 @@ def collect_stats(output: str) -> list[dict[str, Any]]:
 
 
 def sum_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-file reader statistics -> rows_in, rows read fine per source, dropped by reason (and per source)."""
-    rows_in, ok, dropped, dropped_per_source = 0, Counter(), Counter(), {}
+    """Per-file reader statistics -> rows_in, rows read fine per source, dropped by reason (and per source),
+    negatives removed from kept rows by reason."""
+    rows_in, ok, dropped, dropped_per_source, negatives = 0, Counter(), Counter(), {}, Counter()
     for s in stats:
         rows_in += s["rows_in"]
         ok[s["source"]] += s["rows_ok"]
         dropped.update(s["dropped_by_reason"])
         dropped_per_source.setdefault(s["source"], Counter()).update(s["dropped_by_reason"])
+        negatives.update(s.get("negatives_dropped_by_reason", {}))
     return {"rows_in": rows_in, "rows_read_per_source": dict(ok), "dropped_by_reason": dict(dropped),
-            "dropped_per_source": {k: dict(v) for k, v in dropped_per_source.items()}}  # fmt: skip
+            "dropped_per_source": {k: dict(v) for k, v in dropped_per_source.items()},
+            "negatives_dropped_by_reason": dict(negatives)}  # fmt: skip
+
+
+def add_dropped(stats: dict[str, Any], reason: str, per_source: dict[str, int]) -> dict[str, Any]:
+    """`sum_stats` + rows a later step dropped (``per_source``: source -> rows) under ``reason``."""
+    dropped = {**stats["dropped_by_reason"], reason: sum(per_source.values())}
+    by_source = {s: dict(d) for s, d in stats["dropped_per_source"].items()}
+    for source, n in per_source.items():
+        by_source.setdefault(source, {})[reason] = n
+    return {**stats, "dropped_by_reason": dropped, "dropped_per_source": by_source}
 
 
 def write_parts(ds, output: str) -> None:

@@ -165,15 +165,13 @@ def run(config: PairDataConfig) -> dict:
     rows_out = io.finalize(config.output)
     stats = io.sum_stats(io.collect_stats(config.output))
     io.drop_scratch(config.output)
-    dropped = dict(stats["dropped_by_reason"])
     if config.consistency_filter:
-        dropped["consistency_filter"] = sum(filtered.values())
-    per_source = {s: dict(d) for s, d in stats["dropped_per_source"].items()}
-    for source, n in filtered.items():
-        per_source.setdefault(source, {})["consistency_filter"] = n
+        stats = io.add_dropped(stats, "consistency_filter", filtered)
+    dropped = stats["dropped_by_reason"]
     manifest = io.write_manifest(config.output, {
         "kind": "pairs", "rows_in": stats["rows_in"], "rows_out": rows_out, "dropped_by_reason": dropped,
-        "dropped_per_source": per_source, "rows_per_source": rows_per_source(config.output),
+        "dropped_per_source": stats["dropped_per_source"], "rows_per_source": rows_per_source(config.output),
+        "negatives_dropped_by_reason": stats["negatives_dropped_by_reason"],
         "prefixes": {s.name: [s.query_prefix, s.document_prefix] for s in config.sources},
         "teacher": to_dict(config.teacher) if config.consistency_filter else None,
         "tokenizer": None, "config_fingerprint": fingerprint(config), "config": to_dict(config),

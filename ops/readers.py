@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -133,7 +134,7 @@ def preflight(sources: list[SourceConfig], kind: Literal["text", "pairs"]) -> li
         if kind == "pairs" and fmt == "text":
             raise DataError(f"source {source.name}: pairs need jsonl, parquet or HF input, not plain text")
         if kind == "pairs":
-            from nomicbert.embed import TASK_PREFIXES
+            from nomicbert.config import TASK_PREFIXES
 
             for side in (source.query_prefix, source.document_prefix):
                 if side not in TASK_PREFIXES:
@@ -277,10 +278,32 @@ def _table_records(file: str, fmt: str, columns: list[str]) -> Iterator[Record]:
                 row += 1
 
 
-def _validate(record: dict[str, Any], cols: dict[str, str], max_chars: int
-              ) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
-    """Raw record -> (row of output fields, None) or (None, reason)."""
+NEGATIVE_REASONS = ("empty", "duplicate", "equals_query_or_document")
+
+
+def clean_negatives(items: list[str], query: str | None, document: str | None) -> tuple[list[str], Counter]:
+    """A row's negatives without empty texts, repeats, and copies of its own query or document (a false
+    negative), in order; and how many of each were removed."""
+    kept: dict[str, None] = {}
+    removed: Counter = Counter()
+    for item in items:
+        if not item.strip():
+            removed["empty"] += 1
+        elif item in (query, document):
+            removed["equals_query_or_document"] += 1
+        elif item in kept:
+            removed["duplicate"] += 1
+        else:
+            kept[item] = None
+    return list(kept), removed
+
+
+def _validate(record: dict[str, Any], cols: dict[str, str], max_chars: int,
+              negatives_dropped: Counter | None = None) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
+    """Raw record -> (row of output fields, None) or (None, reason). Items removed from the negatives of a kept
+    row are counted into ``negatives_dropped`` by reason."""
     out: dict[str, Any] = {}
+    removed: Counter = Counter()
     for field, column in cols.items():
         value = record.get(column)
         if value is None:
@@ -289,12 +312,12 @@ def _validate(record: dict[str, Any], cols: dict[str, str], max_chars: int
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
                 return None, "not_text"
-            items = [v for v in items if v.strip()]
+            items, removed = clean_negatives(list(items), out.get("query"), out.get("document"))
             if not items:
                 return None, "empty"
             if any(len(v) > max_chars for v in items):
                 return None, "too_long"
-            out[field] = list(items)
+            out[field] = items
             continue
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
@@ -305,6 +328,8 @@ def _validate(record: dict[str, Any], cols: dict[str, str], max_chars: int
         if len(value) > max_chars:
             return None, "too_long"
         out[field] = value
+    if negatives_dropped is not None:
+        negatives_dropped.update(removed)
     return out, None
 
 
@@ -342,12 +367,13 @@ class ReadFiles:
         rows: list[dict[str, Any]] = []
         bad: list[dict[str, Any]] = []
         rows_in = rows_ok = 0
+        negatives_dropped: Counter = Counter()
         for line, record, reason, preview in records:
             if source.max_rows_per_file is not None and rows_in >= source.max_rows_per_file:
                 break
             rows_in += 1
             if reason is None:
-                row, reason = _validate(record, cols, self.max_chars)
+                row, reason = _validate(record, cols, self.max_chars, negatives_dropped)
                 if reason is not None:
                     preview = json.dumps(record, ensure_ascii=False, default=str)[:PREVIEW_CHARS]
             if reason is not None:
@@ -361,7 +387,7 @@ class ReadFiles:
                 rows = []
         if rows:
             yield pa.Table.from_pylist(rows, schema=schema)
-        io.record_file_stats(self.output, plan.key, plan.source, rows_in, rows_ok, bad)
+        io.record_file_stats(self.output, plan.key, plan.source, rows_in, rows_ok, bad, dict(negatives_dropped))
 
 
 def read_sources(sources: list[SourceConfig], kind: Literal["text", "pairs"], output: str, max_chars: int,

@@ -66,8 +66,13 @@ class TeacherEmbed:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         emb = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                                show_progress_bar=False)  # fmt: skip
-        return emb.astype(np.float32)
+                                show_progress_bar=False).astype(np.float32)  # fmt: skip
+        bad = ~np.isfinite(emb).all(-1) | (np.abs(emb).sum(-1) == 0)
+        if bad.any():  # every search score of such a row would be 0 or NaN: its neighbours would be arbitrary
+            example = texts[int(np.argmax(bad))][:80]
+            raise ValueError(f"the teacher gave {int(bad.sum())} of {len(texts)} texts a zero or non-finite embedding "
+                             f"(e.g. {example!r}); with fp16 on GPU, set teacher.fp16: false")  # fmt: skip
+        return emb
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for column in self.columns:
@@ -140,26 +145,73 @@ def remote(fn, num_gpus: float):
     return ray.remote(num_gpus=num_gpus, num_cpus=1)(fn)
 
 
-def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Sequence[str],
-                     golds: Sequence[Collection[str]], n: int, seed: int,
-                     row_keys: Sequence[int]) -> tuple[list[list[str]], int]:  # fmt: skip
-    """Per query: drop its gold documents (every positive of that query text) and any text equal to the query
-    from its teacher top-k, sample ``n``
-    at random, top up with random corpus documents when fewer remain. Seeded per row (seed, row key).
+@dataclass
+class NegativeSelection:
+    """`select_negatives` per row: its negatives, or None when too few exist (quarantined as too_few_negatives)."""
 
-    Returns the negatives per query and how many queries needed a random top-up."""
-    if len(corpus) < n + 2:
-        raise ValueError(f"corpus of {len(corpus)} documents is too small to draw {n} negatives per query")
-    out, topped_up = [], 0
+    negatives: list[list[str] | None]
+    available: list[int]  # distinct corpus texts per row that are neither gold nor the query
+    topped_up: int  # rows that needed random corpus documents beyond the teacher's candidates
+    short: int  # rows kept with fewer than n negatives (min_negatives <= available < n)
+
+    @property
+    def too_few(self) -> int:
+        return sum(negs is None for negs in self.negatives)
+
+
+def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Sequence[str],
+                     golds: Sequence[Collection[str]], n: int, seed: int, row_keys: Sequence[int],
+                     min_negatives: int | None = None, keep_candidates: bool = False) -> NegativeSelection:  # fmt: skip
+    """Per query: drop its gold documents (every positive of that query text) and any text equal to the query
+    from its teacher top-k, sample ``n`` at random (``keep_candidates``: keep them all, best first, so the
+    trainer samples ``n`` per epoch), top up with random corpus documents when fewer remain. Seeded per row
+    (seed, row key). ``corpus``: distinct texts.
+
+    Before any sampling, each row's eligible texts are counted: a row with fewer than ``min_negatives`` (default
+    ``n``) gets None, one with at least that many but fewer than ``n`` gets all of them."""
+    min_negatives = n if min_negatives is None else min_negatives
+    position = {text: j for j, text in enumerate(corpus)}
+    if len(position) != len(corpus):
+        raise ValueError("the corpus must hold distinct texts")
+    negatives: list[list[str] | None] = []
+    available, topped_up, short = [], 0, 0
     for i, key in enumerate(row_keys):
+        banned = {position[t] for t in (*golds[i], queries[i]) if t in position}
+        eligible = len(corpus) - len(banned)
+        available.append(eligible)
+        if eligible < min_negatives:
+            negatives.append(None)
+            continue
+        want = min(n, eligible)
+        short += want < n
         rng = np.random.default_rng([seed, int(key)])
-        banned = {*golds[i], queries[i]}
-        pool = list(dict.fromkeys(corpus[j] for j in candidates[i] if corpus[j] not in banned))
-        picked = [pool[j] for j in rng.choice(len(pool), size=min(n, len(pool)), replace=False)] if pool else []
-        topped_up += len(picked) < n
-        while len(picked) < n:
-            text = corpus[int(rng.integers(len(corpus)))]
-            if text not in banned and text not in picked:
-                picked.append(text)
-        out.append(picked)
-    return out, topped_up
+        pool = [j for j in dict.fromkeys(int(c) for c in candidates[i]) if j not in banned]
+        if keep_candidates:
+            picked = pool
+        else:
+            picked = [pool[j] for j in rng.choice(len(pool), size=min(want, len(pool)), replace=False)] if pool else []
+        if len(picked) < want:
+            topped_up += 1
+            picked += random_fill(rng, len(corpus), banned | set(picked), want - len(picked))
+        negatives.append([corpus[j] for j in picked])
+    return NegativeSelection(negatives, available, topped_up, short)
+
+
+def random_fill(rng: np.random.Generator, size: int, excluded: set[int], count: int) -> list[int]:
+    """``count`` distinct random indices of ``range(size)`` outside ``excluded`` (the caller checked that enough
+    exist). Draws and retries while at least half the range stays free (under 2 draws per index on average),
+    else samples the free indices directly, so it always ends."""
+    free = size - len(excluded)
+    if free < count:
+        raise ValueError(f"cannot draw {count} of {free} free indices")
+    if 2 * (free - count) < size:
+        choices = np.setdiff1d(np.arange(size), np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+        return [int(j) for j in rng.choice(choices, size=count, replace=False)]
+    picked: list[int] = []
+    taken = set(excluded)
+    while len(picked) < count:
+        j = int(rng.integers(size))
+        if j not in taken:
+            taken.add(j)
+            picked.append(j)
+    return picked

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from time_limit import time_limit
 
 from ops.config import load_config
+from ops.io import read_quarantine
 from ops.mine_negatives import MineNegativesConfig
 from ops.mine_negatives import run as run_mine
 from ops.pair_data import PairDataConfig
@@ -145,21 +147,57 @@ def test_consistency_filter_equals_brute_force_top_k(ray_session, shared_data, t
     assert got == expected
 
 
+TINY_QUERY = "how do I bake sourdough bread"
+TINY_GOLDS = ["Mix flour, water and starter, then proof overnight.", "Bake at 250 C in a covered dutch oven.",
+              "Feed the starter the day before baking."]  # fmt: skip
+TINY_PAIRS = [("what is rotary position embedding", "Rotary embeddings rotate query and key vectors."),
+              ("best hiking boots for winter", "Insulated waterproof boots keep feet warm on snow."),
+              ("how to repot a cactus", "Wear gloves and use a fast-draining soil mix."),
+              ("python list comprehension syntax", "A list comprehension reads [f(x) for x in xs]."),
+              ("when did the berlin wall fall", "The Berlin Wall fell on 9 November 1989."),
+              ("symptoms of iron deficiency", "Fatigue and pale skin are common signs of low iron.")]  # fmt: skip
+
+
+def tiny_source(path: Path) -> dict:
+    """9 rows, 9 distinct documents: the first query has 3 golds (6 eligible texts < 7 negatives). Given
+    negatives: all from the corpus, with one empty, one repeated and one equal to the row's own document."""
+    rows = [(TINY_QUERY, gold) for gold in TINY_GOLDS] + TINY_PAIRS
+    documents = [d for _, d in rows]
+    records = [{"query": q, "document": d, "negatives": [documents[(i + 1) % 9]]} for i, (q, d) in enumerate(rows)]
+    records[4]["negatives"] += ["", documents[6], documents[6]]
+    records[5]["negatives"].append(documents[5])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"name": "tiny", "path": str(path), "negatives_column": "negatives", "query_prefix": "search_query",
+            "document_prefix": "search_document"}  # fmt: skip
+
+
 def test_mined_negatives_exclude_gold_and_query(ray_session, shared_data, tmp_path):
+    """Two real sources plus a 9-document one that cannot give its 3-gold query 7 negatives: the job ends (under
+    a time limit) with those rows quarantined and counted, and every kept row holds 7 valid negatives."""
     out = tmp_path / "triplets"
     pairs = shared_data / "pairs"
-    manifest = run_mine(load_config(MineNegativesConfig, raw={
-        "output": str(out), "num_negatives": 7, "candidates": 20, "seed": 1, "num_cpus": 0.5, "teacher": TEACHER,
-        "sources": [
-            {"name": "nli", "path": str(pairs / "snli_triplets.jsonl"), "query_column": "anchor",
-             "document_column": "positive", "negatives_column": "negative", "query_prefix": "classification",
-             "document_prefix": "classification", "max_rows_per_file": 100},
-            {"name": "stackexchange", "path": str(pairs / "stackexchange_pairs.jsonl"), "query_prefix": "clustering",
-             "document_prefix": "clustering", "max_rows_per_file": 40}]}))  # fmt: skip
+    with time_limit(600):
+        manifest = run_mine(load_config(MineNegativesConfig, raw={
+            "output": str(out), "num_negatives": 7, "candidates": 20, "seed": 1, "num_cpus": 0.5,
+            "teacher": TEACHER, "sources": [
+                {"name": "nli", "path": str(pairs / "snli_triplets.jsonl"), "query_column": "anchor",
+                 "document_column": "positive", "negatives_column": "negative", "query_prefix": "classification",
+                 "document_prefix": "classification", "max_rows_per_file": 100},
+                {"name": "stackexchange", "path": str(pairs / "stackexchange_pairs.jsonl"),
+                 "query_prefix": "clustering", "document_prefix": "clustering", "max_rows_per_file": 40},
+                tiny_source(tmp_path / "tiny.jsonl")]}))  # fmt: skip
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
-    assert table.num_rows == manifest["rows_out"] == 140
+    assert table.num_rows == manifest["rows_out"] == 146
+    assert manifest["rows_per_source"] == {"nli": 100, "stackexchange": 40, "tiny": 6}
+    assert manifest["dropped_by_reason"] == {"too_few_negatives": 3}
+    assert {s: d for s, d in manifest["dropped_per_source"].items() if d} == {"tiny": {"too_few_negatives": 3}}
+    assert manifest["negatives_dropped_by_reason"] == {"empty": 1, "duplicate": 1, "equals_query_or_document": 1}
+    assert manifest["negatives_per_row"] == {"min": 7, "max": 7} and manifest["min_negatives"] == 7
+    quarantined = read_quarantine(str(out))
+    assert [(q["source"], q["line"], q["reason"], q["negatives_available"]) for q in quarantined] == [
+        ("tiny", line, "too_few_negatives", 6) for line in (1, 2, 3)]
     assert table.column_names[-1] == "negatives" and "row_id" in table.column_names
-    corpus = {s: set() for s in ("nli", "stackexchange")}
+    corpus = {"nli": set(), "stackexchange": set(), "tiny": set(TINY_GOLDS) | {d for _, d in TINY_PAIRS}}
     for r in table.to_pylist():
         corpus[r["source"]].add(r["document"])
     golds: dict[tuple[str, str], set[str]] = {}

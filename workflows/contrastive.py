@@ -123,7 +123,8 @@ def texts_of(batch: dict[str, np.ndarray], num_negatives: int, seed: int, index:
         if num_negatives:
             candidates = list(negatives[0])
             if len(candidates) < num_negatives:
-                raise ValueError(f"row {row_id} has {len(candidates)} negatives; num_negatives is {num_negatives}")
+                raise ValueError(f"row {row_id} has {len(candidates)} negatives; num_negatives is {num_negatives} "
+                                 "(ops.mine_negatives with min_negatives >= num_negatives never writes such rows)")
             rng = np.random.default_rng([seed, int(row_id), index])
             documents.extend(str(candidates[i]) for i in rng.choice(len(candidates), num_negatives, replace=False))
     return queries, documents
