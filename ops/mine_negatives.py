@@ -3,8 +3,10 @@
     python -m ops.mine_negatives --config workflows/configs/mine_negatives.yaml [key=value ...]
     ray job submit --working-dir . -- python -m ops.mine_negatives --config workflows/configs/mine_negatives.yaml
 
-Per source, the corpus is every positive and every given negative, deduplicated by text. The teacher embeds
-queries and corpus in one actor-pool pass; an exact search (a Ray task, GPU when ``teacher.num_gpus`` > 0)
+Per source, the corpus is every positive and every given negative, deduplicated by text, plus the documents of
+``corpora[source]`` when given (a jsonl of ``{"text"}`` or ``{"title", "text"}``: e.g. a retrieval set's whole
+corpus, so that a domain's train queries get negatives from the documents they are searched against). The teacher
+embeds queries and corpus in one actor-pool pass; an exact search (a Ray task, GPU when ``teacher.num_gpus`` > 0)
 returns each query's top ``candidates`` documents; `ops.teacher.select_negatives` removes the gold document
 and any text equal to the query, samples ``num_negatives`` (or, with ``keep_candidates``, keeps them all for the
 trainer to sample per epoch) and tops up with random corpus documents. A row whose source holds fewer than
@@ -40,6 +42,7 @@ class MineNegativesConfig:
     min_negatives: int | None = None  # rows with fewer eligible texts are quarantined; None = num_negatives
     keep_candidates: bool = False  # write every filtered top-`candidates` text: the trainer samples per epoch
     candidates: int = 20  # teacher top-k searched per query (reference script default 20)
+    corpora: dict[str, str] = field(default_factory=dict)  # source name -> jsonl of documents to mine from too
     seed: int = 42
     max_chars: int = 100_000
     num_cpus: float = 1.0  # per read task
@@ -66,6 +69,24 @@ def embed_texts(texts: list[str], teacher: TeacherConfig) -> np.ndarray:
     return np.stack([r["text_emb"] for r in out]) if out else np.zeros((0, 0), np.float32)
 
 
+def read_corpus(path: str) -> list[str]:
+    """A jsonl of documents -> texts (``title + " " + text`` stripped when there is a title)."""
+    texts = []
+    for number, line in enumerate(io.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = (str(row.get("title") or "") + " " + str(row["text"])).strip()
+        except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            raise ValueError(f"{path}: line {number} is not a JSON object with a text field ({err})") from None
+        if text:
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"{path}: no documents")
+    return texts
+
+
 @dataclass
 class Mined:
     table: pa.Table  # the kept rows with their ``negatives``
@@ -84,8 +105,13 @@ def mine(table: pa.Table, config: MineNegativesConfig) -> Mined:
     sources = table.column("source").to_pylist()
     keys = table.column("key").to_pylist()
     names = sorted(set(sources))
-    corpora = {s: list(dict.fromkeys(t for i, src in enumerate(sources) if src == s
-                                     for t in [positives[i], *given[i]])) for s in names}  # fmt: skip
+    unknown = sorted(set(config.corpora) - set(names))
+    if unknown:
+        raise ValueError(f"corpora name source(s) {unknown} that are not among the sources {names}")
+    corpora = {s: list(dict.fromkeys([*(t for i, src in enumerate(sources) if src == s
+                                        for t in [positives[i], *given[i]]),
+                                      *(read_corpus(config.corpora[s]) if s in config.corpora else [])]))
+               for s in names}  # fmt: skip
     texts = queries + [t for s in names for t in corpora[s]]
     emb = embed_texts(texts, config.teacher)
     q_emb, offset = emb[: len(queries)], len(queries)

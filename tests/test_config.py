@@ -61,6 +61,7 @@ def test_fingerprint_and_flatten():
 
 def test_every_shipped_yaml_config_loads():
     """Each workflows/configs/*.yaml validates against its job's class (a typo fails here, not on a cluster)."""
+    from evaluation.beir_split import BeirSplitConfig
     from ops.mine_negatives import MineNegativesConfig
     from ops.mlm_data import MlmDataConfig
     from ops.pair_data import PairDataConfig
@@ -71,16 +72,20 @@ def test_every_shipped_yaml_config_loads():
     from workflows.matryoshka import MatryoshkaConfig
     from workflows.mlm import MLMConfig
     from workflows.pipeline import PipelineConfig
+    from workflows.st_baseline import StBaselineConfig
 
     classes = {"mlm_data": MlmDataConfig, "pair_data": PairDataConfig, "mine_negatives": MineNegativesConfig,
                "mlm": MLMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig,
-               "matryoshka": MatryoshkaConfig, "evaluate": EvaluateConfig, "ablate": AblateConfig}  # fmt: skip
+               "matryoshka": MatryoshkaConfig, "evaluate": EvaluateConfig, "ablate": AblateConfig,
+               "beir_split": BeirSplitConfig, "st_baseline": StBaselineConfig}  # fmt: skip
     folder = Path(__file__).resolve().parent.parent / "workflows" / "configs"
     files = sorted(folder.glob("*.yaml"))
     assert files
     for file in files:
         stem = file.stem.removesuffix("_8gpu").removesuffix("_multinode")
-        if stem in classes:
-            load_config(classes[stem], file)
+        # a stage config is named after its stage, optionally with a suffix (finetune_minilm.yaml)
+        stage = max((k for k in classes if stem == k or stem.startswith(k + "_")), key=len, default=None)
+        if stage is not None:
+            load_config(classes[stage], file)
         else:
             load_config(PipelineConfig, file)
