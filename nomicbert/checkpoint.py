@@ -302,8 +302,9 @@ def export_sentence_transformers(model: NomicBertModel, folder: str | os.PathLik
     if not isinstance(model, NomicBertModel):
         raise TypeError("export_sentence_transformers takes an encoder (NomicBertModel)")
     folder = export_hf(model, folder, tokenizer)
-    write_sentence_transformers_config(folder, model.config.hidden_size, layer_norm=model.config.embedding_recipe == "v1.5",
-                                       max_seq_length=max_seq_length, prompts=TASK_PREFIXES)  # fmt: skip
+    layer_norm = model.config.embedding_recipe == "v1.5"
+    write_sentence_transformers_config(folder, model.config.hidden_size, layer_norm=layer_norm,
+                                       max_seq_length=max_seq_length, prompts=TASK_PREFIXES)
     return folder
 
 

@@ -268,8 +268,9 @@ def load_encoder(source: str | os.PathLike, recipe: str | None = None, max_lengt
     if max_length:
         limit = min(limit, max_length)
     return TransformersEncoder(model, tokenizer, limit, pooling=settings.get("pooling", "mean"),
-                               normalize=settings.get("normalize", True), recipe=recipe or settings.get("recipe", "v1"),
-                               prompts=settings.get("prompts"), batch_tokens=batch_tokens)  # fmt: skip
+                               normalize=settings.get("normalize", True),
+                               recipe=recipe or settings.get("recipe", "v1"), prompts=settings.get("prompts"),
+                               batch_tokens=batch_tokens)  # fmt: skip
 
 
 def read_sentence_transformers_folder(folder: Path) -> dict:
