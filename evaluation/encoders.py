@@ -75,6 +75,11 @@ class TextEncoder:
     def __init__(self) -> None:
         self._cache: dict[tuple[str | None, str], np.ndarray] = {}
 
+    @property
+    def uses_task_prompts(self) -> bool:
+        """Whether the suites pass task names (search_query, ...): Nomic models, and any model that defines them."""
+        return self.is_nomic
+
     def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
         raise NotImplementedError
 
@@ -154,6 +159,11 @@ class SentenceTransformerEncoder(TextEncoder):
         self.name, self.revision = str(spec.source), model_revision(spec.source)
         self.max_length = int(self.model.max_seq_length)
         self.hidden_size = int(self.model.get_embedding_dimension())
+
+    @property
+    def uses_task_prompts(self) -> bool:
+        """A model trained with the task prompts (e.g. adapted by our stages) is evaluated with them."""
+        return {"search_query", "search_document"} <= set(self.model.prompts or {})
 
     def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
         prompt = task if task is not None and task in (self.model.prompts or {}) else None

@@ -50,7 +50,7 @@ def make_mteb_encoder(encoder: TextEncoder, dim: int | None = None, binary: bool
                    **kwargs: Any) -> np.ndarray:  # fmt: skip
             texts = [text for batch in inputs for text in batch["text"]]
             task = nomic_task(task_metadata.type, task_metadata.name, prompt_type == PromptType.query)
-            return encoder.encode(texts, task if encoder.is_nomic else None, dim, binary)
+            return encoder.encode(texts, task if encoder.uses_task_prompts else None, dim, binary)
 
     return NomicMtebEncoder()
 

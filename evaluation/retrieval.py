@@ -94,15 +94,17 @@ def evaluate_retrieval(encoder: TextEncoder, data: RetrievalData, variants: Sequ
     doc_ids = list(data.corpus)
     doc_texts = data.document_texts(doc_ids)
     query_ids = list(data.queries)
+    if not encoder.uses_task_prompts:
+        query_task = document_task = None
     if ray_min_docs is not None and len(doc_ids) >= ray_min_docs:
         if spec is None:
             raise ValueError("Ray Data encoding needs the model spec to rebuild the encoder in workers")
         log.info("encoding %d documents of %s with Ray Data (%d workers)", len(doc_ids), data.name, ray_workers)
-        doc_raw = encode_with_ray(spec, doc_texts, document_task if encoder.is_nomic else None, ray_workers,
+        doc_raw = encode_with_ray(spec, doc_texts, document_task, ray_workers,
                                   num_gpus=ray_gpus)  # fmt: skip
     else:
-        doc_raw = encoder.raw(doc_texts, document_task if encoder.is_nomic else None)
-    query_raw = encoder.raw([data.queries[q] for q in query_ids], query_task if encoder.is_nomic else None)
+        doc_raw = encoder.raw(doc_texts, document_task)
+    query_raw = encoder.raw([data.queries[q] for q in query_ids], query_task)
     results = {}
     for dim, binary in variants:
         scores, indices = search(encoder.finalize(query_raw, dim, binary), encoder.finalize(doc_raw, dim, binary))
@@ -117,7 +119,7 @@ def evaluate_sts(encoder: TextEncoder, data: PairData, variants: Sequence[tuple[
     """Cosine similarity of each pair against the gold scores: Spearman (headline) and Pearson."""
     from scipy.stats import pearsonr, spearmanr
 
-    prefix = task if encoder.is_nomic else None
+    prefix = task if encoder.uses_task_prompts else None
     raw1, raw2 = encoder.raw(data.sentence1, prefix), encoder.raw(data.sentence2, prefix)
     results = {}
     for dim, binary in variants:

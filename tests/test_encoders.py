@@ -131,3 +131,17 @@ def test_nomicbert_keeps_its_packed_path(tmp_path):
                                atol=1e-5, rtol=0)  # fmt: skip
     exported = encoder.export(tmp_path / "export")
     assert (exported / "st" / "modules.json").is_file() and (exported / "hf" / "config.json").is_file()
+
+
+def test_evaluation_uses_the_prompts_a_model_was_trained_with(tiny_bert, tmp_path, minilm_path):
+    """The evaluation passes task prompts to a model that defines them (an adapted one), not to plain MiniLM."""
+    from evaluation.encoders import load_encoder as evaluation_encoder
+
+    assert not evaluation_encoder(str(minilm_path)).uses_task_prompts
+    encoder = load_encoder(tiny_bert)
+    encoder.prompts = dict(TASK_PREFIXES)
+    evaluated = evaluation_encoder(str(encoder.export(tmp_path / "prompted")))
+    assert evaluated.uses_task_prompts
+    raw = torch.from_numpy(evaluated.raw(["vitamin d and infections"], "search_query"))
+    expected = encoder.encode(["vitamin d and infections"], task="search_query")
+    torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), expected, atol=1e-5, rtol=0)
