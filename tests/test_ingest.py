@@ -1,15 +1,21 @@
-"""Seeded orders and batch assignment row by row (no Ray), and the row index."""
+"""Seeded orders and batch assignment row by row (no Ray), the row index, and two real Ray Train workers that read
+every row once per epoch and resume without reading a consumed batch."""
 
 from __future__ import annotations
 
+import json
+import sys
 from collections import Counter, defaultdict
 
+import mlflow
 import numpy as np
 import pyarrow as pa
 import pytest
+from train_helpers import make_mlm_data, stage_config
 
 from ops.order import RowIndex, SeededOrder, row_index
 from ops.pairs import AssignBatches, plan_single_source_batches
+from workflows import ingest, launch, mlm
 
 
 def test_seeded_order_is_a_bijection_for_every_size():
@@ -86,3 +92,84 @@ def test_row_index_from_interleaved_blocks(ray_session):
     doubled = ray.data.from_arrow([pa.table({"row_id": [1, 2, 3], "source": ["x"] * 3})] * 2)
     with pytest.raises(ValueError, match="appears more than once"):
         row_index(doubled)
+
+
+class RowCounter:
+    """Rows that passed the stage's row map, per epoch (a named Ray actor the map functions report to)."""
+
+    def __init__(self):
+        self.rows: Counter = Counter()
+
+    def add(self, epoch: int, n: int) -> None:
+        self.rows[epoch] += n
+
+    def counts(self) -> dict[int, int]:
+        return dict(self.rows)
+
+
+class CountedRows:
+    """The stage's row map, counting every row it sees."""
+
+    def __init__(self, inner, counter: str, epoch: int):
+        self.inner, self.counter, self.epoch = inner, counter, epoch
+
+    def __call__(self, batch):
+        import ray
+
+        ray.get(ray.get_actor(self.counter).add.remote(self.epoch, len(batch["row_id"])))
+        return self.inner(batch)
+
+
+class CountingMaskedRows(mlm.MaskedRows):
+    counter: str = ""
+
+    def row_map(self, epoch: int):
+        return CountedRows(super().row_map(epoch), self.counter, epoch)
+
+
+def test_two_workers_read_each_row_once_per_epoch_and_resume_skips_consumed_batches(tmp_path, ray_session,
+                                                                                    shared_data, mlflow_uri):  # fmt: skip
+    """40 rows, global batch 8 (5 per epoch), max_steps 8 = 1.6 epochs. Run A is killed at step 4 (checkpoint at
+    3) and not retried; run B (a new driver, same run) resumes: it reads epoch 0 from batch 3 on only."""
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the feeder unpickles the counting map
+    data = make_mlm_data(shared_data, tmp_path / "mlm-data", rows=40, row_length=32)
+    cfg = stage_config(mlm.MLMConfig, "mlm", tmp_path, data=str(data), output_dir=str(tmp_path / "model"),
+                       model="tiny", model_overrides={}, global_batch=8, micro_batch=2, epochs=1, max_steps=8,
+                       **{"run.name": "counted", "run.num_workers": 2, "run.cpus_per_worker": 0.5,
+                          "run.checkpoint_every": 3, "run.fault_step": 4, "run.max_failures": 0,
+                          "run.row_log": str(tmp_path / "rows")})  # fmt: skip
+    counts = []
+    for attempt in ("killed", "resumed"):
+        counter = ray.remote(RowCounter).options(name=f"rows-{attempt}").remote()
+        epochs, schedule = mlm.build_dataset(cfg)
+        assert (schedule.batches_per_epoch, schedule.total_steps, schedule.epochs) == (5, 8, 2)
+        counted = CountingMaskedRows(**{k: getattr(epochs, k) for k in epochs.__dataclass_fields__})
+        counted.counter = f"rows-{attempt}"
+        if attempt == "killed":
+            with pytest.raises(Exception):  # noqa: B017 -- Ray Train's error for a worker that died
+                launch.fit("mlm", cfg, mlm.train_loop_per_worker, counted, schedule, kind="mlm")
+        else:
+            result = launch.fit("mlm", cfg, mlm.train_loop_per_worker, counted, schedule, kind="mlm")
+        counts.append(ray.get(counter.counts.remote()))
+        ray.kill(counter)
+
+    assert (tmp_path / f"fault-{cfg.run.name}-done").is_file()
+    assert result["steps"] == 8  # max_steps, not one epoch's 5
+    assert mlflow.get_run(result["mlflow_run_id"]).data.tags["mlm.epochs"] == "2"
+    assert counts[0][0] == 40  # epoch 0 read once over both workers, not once per worker
+    assert counts[1] == {0: 16, 1: 40}  # resumed at batch 3: batches 0-2 of epoch 0 never read again
+    steps: dict[int, dict[int, list[int]]] = defaultdict(dict)
+    for rank in (0, 1):
+        for line in (tmp_path / "rows" / f"rank-{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            steps[record["step"]][rank] = record["row_ids"]
+    assert sorted(steps) == list(range(1, 9))
+    for step, ranks in steps.items():
+        assert len(ranks[0]) == len(ranks[1]) == 4 and not set(ranks[0]) & set(ranks[1]), step
+    epoch_rows = [r for step in range(1, 6) for rank in (0, 1) for r in steps[step][rank]]
+    assert sorted(epoch_rows) == list(range(40))  # each row exactly once in epoch 0, over the two workers
+    second = [r for step in range(6, 9) for rank in (0, 1) for r in steps[step][rank]]
+    assert len(set(second)) == 24 and second != epoch_rows[:24]  # epoch 1: its own order

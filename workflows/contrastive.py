@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python -m workflows.contrastive --config workflows/configs/contrastive_8gpu.yaml
 
 Query -> document InfoNCE (logit scale 50) against the documents of the whole global batch, gathered from all
-workers; each global batch comes from one source (`ops.pairs.single_source_batches`); prefixes are applied in
+workers; each global batch comes from one source (`ops.pairs.AssignBatches`, `workflows.ingest`); prefixes are applied in
 the Ray Data pipeline (`ops.pairs.AddPrefixes`). Gradient caching (``grad_cache_chunk`` > 0) makes the global
 batch independent of accelerator memory. The fine-tuning stages (`workflows.finetune`, `workflows.matryoshka`)
 run this same loop with hard negatives and the Matryoshka loss.
@@ -12,8 +12,7 @@ run this same loop with hard negatives and the Matryoshka loss.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +25,7 @@ from nomicbert.attention import Segments
 from nomicbert.embed import mean_pool_packed
 from nomicbert.losses import ContrastiveLoss, GradCache, check_dims
 from nomicbert.model import NomicBertModel
+from ops.pairs import AddPrefixes
 from workflows import chaos, checkpoints, ingest, launch, optimization
 from workflows.progress import Progress
 from workflows.session import Session, all_reduce_sum, autocast, no_sync
@@ -47,8 +47,8 @@ class ContrastiveConfig:
     document_max_length: int
     matryoshka_dims: list[int]  # empty = plain loss (v1); e.g. [768, 512, 256, 128, 64] for v1.5
     matryoshka_weights: list[float]
-    epochs: int
-    max_steps: int  # 0 = as many as the epochs give
+    epochs: int  # used when max_steps is 0
+    max_steps: int  # > 0: exactly this many steps, epochs cycling (each in its own order); 0 = epochs x an epoch
     optim: OptimConfig
     run: RunSettings
     mlflow: MlflowSettings
@@ -188,17 +188,6 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
     return {"step": step, **metrics}
 
 
-def rank_slices(global_batches: Iterable[dict[str, np.ndarray]], rank: int, world: int) -> Iterator[dict[str, np.ndarray]]:
-    """Rank r keeps the rows with ``batch_position // (global_batch / world) == r`` of each global batch."""
-    for batch in global_batches:
-        positions, index = batch["batch_position"], batch["batch_index"]
-        if index.min() != index.max() or not np.array_equal(positions, np.arange(len(positions))):
-            raise RuntimeError("a global batch mixes batch_index values or is out of order; the dataset must come "
-                               "from ops.pairs.single_source_batches with preserve_order")  # fmt: skip
-        keep = positions // (len(positions) // world) == rank
-        yield {k: v[keep] for k, v in batch.items()}
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     import importlib
 
@@ -207,43 +196,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     cls = getattr(importlib.import_module(loop_config["module"]), loop_config["config_class"])
     cfg = from_dict(cls, loop_config["config"])
     session = Session.from_ray(cfg.run)
-    batches = rank_slices(ingest.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
-                          session.world_size)  # fmt: skip
+    batches = ingest.batches_for_worker(loop_config, cfg.global_batch, session.rank, session.world_size)
     return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
 
 
-def build_dataset(cfg: ContrastiveConfig):
-    """Single-source global batches with prefixes, one dataset per epoch -> (datasets, total steps)."""
+class PrefixedPairs(ingest.ParquetEpochs):
+    """Pairs in single-source global batches, with their task prefixes applied (`ops.pairs.AddPrefixes`)."""
+
+    def row_map(self, epoch: int) -> AddPrefixes:
+        return AddPrefixes()
+
+
+def build_dataset(cfg: ContrastiveConfig) -> tuple[PrefixedPairs, ingest.Schedule]:
+    """Single-source global batches with prefixes, epoch by epoch, and the run's schedule."""
     import ray
 
     from ops.io import join, list_files
-    from ops.pairs import AddPrefixes, plan_single_source_batches, single_source_batches
 
-    base = ray.data.read_parquet(list_files(join(cfg.data, "part-*.parquet")))
+    files = list_files(join(cfg.data, "part-*.parquet"))
     columns = ["row_id", "source", "query", "document", "query_prefix", "document_prefix"]
     if cfg.num_negatives:
-        if "negatives" not in base.columns():
+        if "negatives" not in ray.data.read_parquet(files[0]).columns():
             raise ValueError(f"num_negatives={cfg.num_negatives} but {cfg.data} has no negatives column")
         columns.append("negatives")
-    base = base.select_columns(columns)
-    counts = {row["source"]: row["count()"] for row in base.groupby("source").count().take_all()}
-    plan = plan_single_source_batches(counts, cfg.global_batch, cfg.run.seed, cfg.source_weights)
-    per_epoch = len(plan.order)
-    if per_epoch == 0:
-        raise ValueError(f"no source of {cfg.data} fills one global batch of {cfg.global_batch} ({counts})")
-    total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
-    epochs = [single_source_batches(base, cfg.global_batch, cfg.run.seed + e, cfg.source_weights)
-              .map_batches(AddPrefixes(), batch_format="numpy")
-              for e in range(math.ceil(total / per_epoch))]  # fmt: skip
-    return epochs, total
+    remote = ingest.data_remote_args(cfg.run.data_resources)
+    index = ingest.index_parquet(files, "source", remote)
+    epochs = PrefixedPairs(files, columns, index, cfg.global_batch, cfg.run.seed, True, cfg.source_weights, remote)
+    schedule = ingest.Schedule.of(epochs.batches_per_epoch, cfg.epochs, cfg.max_steps,
+                                  f"no source of {cfg.data} fills one global batch of {cfg.global_batch} "
+                                  f"({index.counts})")  # fmt: skip
+    return epochs, schedule
 
 
 def run(config: ContrastiveConfig) -> dict[str, Any]:
     """Train and export; returns {"model": output folder, "checkpoint", "steps", "metrics", "mlflow_run_id"}."""
     ingest.ray_data_setup()
-    datasets, total_steps = build_dataset(config)
+    epochs, schedule = build_dataset(config)
     loop = {"module": type(config).__module__, "config_class": type(config).__name__}
-    return launch.fit(config.stage, config, train_loop_per_worker, datasets, total_steps, kind="encoder",
+    return launch.fit(config.stage, config, train_loop_per_worker, epochs, schedule, kind="encoder",
                       extra_loop_config=loop)  # fmt: skip
 
 

@@ -1,16 +1,20 @@
-"""The driver side of a stage: `fit` wraps Ray Train's `TorchTrainer` over the per-epoch datasets and exports the
+"""The driver side of a stage: `fit` runs Ray Train's `TorchTrainer` fed by an `ingest.EpochFeeder` and exports the
 final model."""
 
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from workflows import ingest
 from workflows.checkpoints import PROGRESS_FILE, STATE_DIR, export_final
-from workflows.ingest import epoch_datasets
 from workflows.tracking import client_env, log_manifest, mlflow_run
+
+log = logging.getLogger("workflows.train")
 
 
 def absolute_paths(config: Any) -> Any:
@@ -29,15 +33,16 @@ def absolute_paths(config: Any) -> Any:
     return dataclasses.replace(config, **changes, run=run)
 
 
-def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: list[Any], total_steps: int,
+def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epochs, schedule: ingest.Schedule,
         kind: str, extra_loop_config: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Run ``loop`` on ``config.run.num_workers`` Ray Train workers (DDP) over the per-epoch ``datasets``, export
-    the final model, log it.
+    """Run ``loop`` on ``config.run.num_workers`` Ray Train workers (DDP/FSDP) for ``schedule.total_steps`` global
+    batches of ``epochs``, each worker fed its own rows by an `ingest.EpochFeeder`; export the final model, log it.
 
     Returns ``{"stage", "model" (the exported folder), "checkpoint" (Ray's last checkpoint), "steps", "metrics",
     "mlflow_run_id"}``.
     """
     import mlflow
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -45,35 +50,39 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], datasets: list[Any
 
     config = absolute_paths(config)
     run = config.run
-    ordered = ray.train.DataConfig.default_ingest_options()
-    ordered.preserve_order = True
-    resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
-    with mlflow_run(stage, config, config.mlflow) as mlrun:
-        log_manifest(config.data)
-        trainer = TorchTrainer(
-            loop,
-            train_loop_config={"config": to_dict(config), "total_steps": total_steps, "mlflow": mlrun,
-                               "num_epochs": len(datasets),
-                               **(extra_loop_config or {})},
-            scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                                   resources_per_worker=resources),  # fmt: skip
-            run_config=ray.train.RunConfig(
-                name=run.name,
-                storage_path=str(Path(run.storage_path).resolve()) if "://" not in run.storage_path else run.storage_path,
-                failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-                worker_runtime_env={"env_vars": client_env()},  # rank 0 logs to MLflow with the driver's credentials
-            ),
-            datasets=epoch_datasets(datasets),
-            # every worker reads the same ordered stream and keeps its slice of each global batch (exact resume)
-            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ordered),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        with result.checkpoint.as_directory() as folder:
-            model_dir = export_final(Path(folder), config.output_dir, kind)
-            progress = json.loads((Path(folder) / STATE_DIR / PROGRESS_FILE).read_text())
-        mlflow.log_artifacts(str(model_dir), "model")
-        return {"stage": stage, "model": str(model_dir), "checkpoint": result.checkpoint.path,
-                "steps": progress["step"], "metrics": dict(result.metrics or {}), "mlflow_run_id": mlrun["run_id"]}
+    world = max(1, run.num_workers)
+    resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {}), **run.worker_resources}
+    log.info("[%s] %s, %d worker(s)", stage, schedule.describe(), world)
+    feeder_name = f"feeder-{run.name}-{uuid.uuid4().hex[:8]}"
+    feeder = ingest.start_feeder(epochs, world, schedule.epochs, feeder_name, run.data_resources)
+    try:
+        with mlflow_run(stage, config, config.mlflow) as mlrun:
+            log_manifest(config.data)
+            mlflow.set_tags({f"{stage}.epochs": schedule.epochs, f"{stage}.steps_per_epoch": schedule.batches_per_epoch,
+                             f"{stage}.total_steps": schedule.total_steps})  # fmt: skip
+            trainer = TorchTrainer(
+                loop,
+                train_loop_config={"config": to_dict(config), "mlflow": mlrun, "feeder": feeder_name,
+                                   "total_steps": schedule.total_steps,
+                                   "batches_per_epoch": schedule.batches_per_epoch, **(extra_loop_config or {})},
+                scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                                       resources_per_worker=resources),  # fmt: skip
+                run_config=ray.train.RunConfig(
+                    name=run.name,
+                    storage_path=str(Path(run.storage_path).resolve()) if "://" not in run.storage_path else run.storage_path,
+                    failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
+                    worker_runtime_env={"env_vars": client_env()},  # rank 0 logs to MLflow with the driver's credentials
+                ),
+            )
+            result = trainer.fit()
+            if result.error is not None:
+                raise result.error
+            with result.checkpoint.as_directory() as folder:
+                model_dir = export_final(Path(folder), config.output_dir, kind)
+                progress = json.loads((Path(folder) / STATE_DIR / PROGRESS_FILE).read_text())
+            mlflow.log_artifacts(str(model_dir), "model")
+            return {"stage": stage, "model": str(model_dir), "checkpoint": result.checkpoint.path,
+                    "steps": progress["step"], "metrics": dict(result.metrics or {}), "mlflow_run_id": mlrun["run_id"]}
+    finally:
+        ray.kill(feeder)

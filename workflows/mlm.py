@@ -11,8 +11,7 @@ exact mean over the global batch's masked tokens, however the batch is split ove
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from torch import nn
 
 from nomicbert.attention import Segments
 from nomicbert.model import NomicBertForPreTraining
+from ops.mask import MaskTokens
 from workflows import chaos, checkpoints, ingest, launch, optimization
 from workflows.progress import Progress
 from workflows.session import Session, all_reduce_sum, autocast, no_sync
@@ -41,8 +41,8 @@ class MLMConfig:
     shuffle: bool  # seeded per-epoch row order (a sort on a hash of (seed, epoch, row_id))
     global_batch: int  # rows per optimizer step over all workers (reference: 4096)
     micro_batch: int  # rows per forward per worker; accumulation = global_batch / (workers * micro_batch)
-    epochs: int
-    max_steps: int  # 0 = as many as the epochs give
+    epochs: int  # used when max_steps is 0
+    max_steps: int  # > 0: exactly this many steps, epochs cycling (each in its own order); 0 = epochs x an epoch
     optim: OptimConfig
     run: RunSettings
     mlflow: MlflowSettings
@@ -154,50 +154,45 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
     return {"step": step, **metrics}
 
 
-def rank_slices(global_batches: Iterable[dict[str, np.ndarray]], rank: int, world: int) -> Iterator[dict[str, np.ndarray]]:
-    """Rank r keeps rows [r * n, (r + 1) * n) of each global batch (n = rows / world)."""
-    for batch in global_batches:
-        n = len(batch["row_id"]) // world
-        yield {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
-
-
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     from ops.config import from_dict
 
     cfg = from_dict(MLMConfig, loop_config["config"])
     session = Session.from_ray(cfg.run)
-    batches = rank_slices(ingest.global_batches(loop_config["num_epochs"], cfg.global_batch), session.rank,
-                          session.world_size)  # fmt: skip
+    batches = ingest.batches_for_worker(loop_config, cfg.global_batch, session.rank, session.world_size)
     return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
 
 
-def build_dataset(cfg: MLMConfig):
-    """One dataset of masked rows per epoch, each in its own seeded order -> (datasets, total steps)."""
-    import ray
+@dataclass
+class MaskedRows(ingest.ParquetEpochs):
+    """Packed rows, masked afresh each epoch (`ops.mask.MaskTokens`, seeded by (seed, epoch, row_id))."""
 
+    mlm_probability: float
+
+    def row_map(self, epoch: int) -> MaskTokens:
+        return MaskTokens(self.mlm_probability, self.seed, epoch)
+
+
+def build_dataset(cfg: MLMConfig) -> tuple[MaskedRows, ingest.Schedule]:
+    """The masked rows epoch by epoch (a seeded order per epoch with ``shuffle``) and the run's schedule."""
     from ops.io import join, list_files
-    from ops.mask import MaskTokens
 
     files = list_files(join(cfg.data, "part-*.parquet"))
-    base = ray.data.read_parquet(files, columns=["row_id", "input_ids", "doc_lengths", "special_tokens_mask"])
-    per_epoch = base.count() // cfg.global_batch
-    if per_epoch == 0:
-        raise ValueError(f"{cfg.data} has fewer rows than one global batch ({cfg.global_batch})")
-    total = per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, per_epoch * cfg.epochs)
-    epochs = []
-    for epoch in range(math.ceil(total / per_epoch)):
-        ds = base
-        if cfg.shuffle:
-            ds = ds.map_batches(ingest.SeededOrder(cfg.run.seed, epoch), batch_format="numpy").sort("order")
-        epochs.append(ds.map_batches(MaskTokens(cfg.mlm_probability, cfg.run.seed, epoch), batch_format="numpy"))
-    return epochs, total
+    remote = ingest.data_remote_args(cfg.run.data_resources)
+    index = ingest.index_parquet(files, None, remote)
+    epochs = MaskedRows(files, ["row_id", "input_ids", "doc_lengths", "special_tokens_mask"], index, cfg.global_batch,
+                        cfg.run.seed, cfg.shuffle, None, remote, cfg.mlm_probability)  # fmt: skip
+    rows = sum(index.counts.values())
+    schedule = ingest.Schedule.of(epochs.batches_per_epoch, cfg.epochs, cfg.max_steps,
+                                  f"{cfg.data} has {rows} rows, fewer than one global batch ({cfg.global_batch})")
+    return epochs, schedule
 
 
 def run(config: MLMConfig) -> dict[str, Any]:
     """Train and export; returns {"model": output folder, "checkpoint", "steps", "metrics", "mlflow_run_id"}."""
     ingest.ray_data_setup()
-    datasets, total_steps = build_dataset(config)
-    return launch.fit("mlm", config, train_loop_per_worker, datasets, total_steps, kind="mlm")
+    epochs, schedule = build_dataset(config)
+    return launch.fit("mlm", config, train_loop_per_worker, epochs, schedule, kind="mlm")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,8 @@ class RunSettings:
     strategy: Literal["ddp", "fsdp"]  # fsdp: FSDP2, each worker holds 1/num_workers of weights, grads, optimizer
     use_gpu: bool
     cpus_per_worker: float
+    worker_resources: dict[str, float]  # custom resources per worker: the node type trainers run on (cluster.yaml)
+    data_resources: dict[str, float]  # custom resources per input-pipeline task: the node type data runs on
     precision: Literal["fp32", "bf16"]  # bf16 autocast needs a GPU
     checkpoint_every: int  # steps
     keep_checkpoints: int
