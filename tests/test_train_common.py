@@ -3,16 +3,13 @@ loop run without Ray (as the GPU benchmarks call it)."""
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
-from train_helpers import make_mlm_data, stage_config
+from train_helpers import make_mlm_data, masked_rows, stage_config
 
 from nomicbert.checkpoint import load_model
 from nomicbert.config import tiny
 from nomicbert.model import NomicBertForPreTraining
-from ops.mask import MaskTokens
 from workflows import checkpoints, mlm, optimization, settings
 from workflows.session import Session
 
@@ -74,10 +71,7 @@ def test_nan_loss_stops_without_ray_and_keeps_the_last_good_checkpoint(tmp_path,
     cfg = stage_config(mlm.MLMConfig, "mlm", tmp_path, data=str(data), output_dir=str(tmp_path / "out"), model="tiny",
                        model_overrides={}, global_batch=2, micro_batch=2, max_steps=0,
                        **{"optim.lr": 1e30, "optim.warmup_ratio": 0.0, "run.checkpoint_every": 1})  # fmt: skip
-    table = pq.read_table(sorted(data.glob("part-*.parquet"))).to_pydict()
-    doc_lengths = np.empty(len(table["row_id"]), dtype=object)
-    doc_lengths[:] = table.pop("doc_lengths")  # ragged lists, as Ray Data hands them over
-    rows = MaskTokens(0.3, seed=0)({**{k: np.array(v) for k, v in table.items()}, "doc_lengths": doc_lengths})
+    rows = masked_rows(data)
     batches = ({k: v[i : i + 2] for k, v in rows.items()} for i in range(0, 16, 2))
     session = Session.local(tmp_path / "checkpoints", device="cpu")
     with pytest.raises(optimization.NonFiniteLossError, match="the last good one is kept") as err:

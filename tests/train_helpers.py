@@ -51,6 +51,17 @@ def make_mlm_data(shared: Path, folder: Path, rows: int, row_length: int) -> Pat
     return write_folder(folder, table)
 
 
+def masked_rows(folder: Path) -> dict[str, np.ndarray]:
+    """An mlm-data folder's rows masked (seed 0) as the trainer's Ray Data pipeline hands them over, for running
+    `workflows.mlm.train` without Ray."""
+    from ops.mask import MaskTokens
+
+    table = pq.read_table(sorted(folder.glob("part-*.parquet"))).to_pydict()
+    doc_lengths = np.empty(len(table["row_id"]), dtype=object)
+    doc_lengths[:] = table.pop("doc_lengths")  # ragged lists, as Ray Data hands them over
+    return MaskTokens(0.3, seed=0)({**{k: np.array(v) for k, v in table.items()}, "doc_lengths": doc_lengths})
+
+
 def read_jsonl(path: Path, limit: int, skip: int = 0) -> list[dict]:
     with path.open() as f:
         lines = [json.loads(line) for _, line in zip(range(skip + limit), f)]

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from nomicbert.checkpoint import load_state_dict_strict, read_state_dict, save_pretrained
+from workflows import training_state
 
-STATE_DIR = "training_state"
-STATE_FILE = "state.pt"
+STATE_DIR = training_state.DIR
 PROGRESS_FILE = "progress.json"
 
 
@@ -40,8 +40,7 @@ def write_checkpoint(folder: Path, model: nn.Module, tokenizer, state: dict[str,
     ``training_state/``."""
     state = dict(state)
     save_pretrained(model, folder, tokenizer, weights=state.pop("weights"))
-    (folder / STATE_DIR).mkdir(exist_ok=True)
-    torch.save(state, folder / STATE_DIR / STATE_FILE)
+    training_state.write(folder / STATE_DIR, state)  # safetensors + JSON: reading it back runs no code
     progress = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
     (folder / STATE_DIR / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
 
@@ -65,14 +64,12 @@ def atomic_folder(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
-def read_training_state(folder: Path) -> dict[str, Any]:
-    return torch.load(folder / STATE_DIR / STATE_FILE, map_location="cpu", weights_only=False)
-
-
 def load_weights(folder: Path, model: nn.Module) -> dict[str, Any]:
-    """A checkpoint's weights into the (not yet sharded) model; returns its training state for `restore`."""
+    """A checkpoint's weights into the (not yet sharded) model; returns its training state for `restore`. The
+    state is read first: an old pickled one stops the resume before anything is loaded."""
+    state = training_state.read(folder / STATE_DIR)
     load_state_dict_strict(model, read_state_dict(folder))
-    return read_training_state(folder)
+    return state
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer, sched) -> tuple[int, int]:
