@@ -72,7 +72,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
                     storage_path=str(Path(run.storage_path).resolve()) if "://" not in run.storage_path else run.storage_path,
                     failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-                    worker_runtime_env={"env_vars": client_env()},  # rank 0 logs to MLflow with the driver's credentials
+                    worker_runtime_env={"env_vars": client_env()},  # rank 0 logs with the driver's MLflow login
                 ),
             )
             result = trainer.fit()
