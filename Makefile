@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel lying on this machine's disk; elsewhere pip takes the CUDA build that fits.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo clean mlflow-ui
+.PHONY: venv test demo clean mlflow-ui gpu-check
 
 venv: $(VENV)/.installed
 
@@ -30,3 +30,11 @@ clean:
 mlflow-ui: venv
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# On a machine with a CUDA GPU (no Ray, no .venv needed: torch + transformers >= 5.23 + sentence-transformers):
+# kernel parity under bf16 autocast, the kernel chosen, one step of each trainer without host syncs, and the
+# benchmarks beside transformers' NomicBert and sentence-transformers. Results in gpu-check/summary.md.
+GPU_PYTHON ?= python3
+GPU_PAIRS ?= ../shared/data/pairs/stackexchange_pairs.jsonl
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check --pairs $(GPU_PAIRS)

@@ -22,7 +22,7 @@ from nomicbert.attention import Segments
 from nomicbert.checkpoint import nomic_to_hf
 from nomicbert.config import NomicBertConfig, tiny
 from nomicbert.embed import mean_pool, mean_pool_packed
-from nomicbert.model import NomicBertForPreTraining, NomicBertModel, mlm_flops_per_token
+from nomicbert.model import NomicBertForPreTraining, NomicBertModel, masked_tokens, mlm_flops_per_token
 
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM (spec sheet), the MFU denominator
 
@@ -68,14 +68,13 @@ def bench_training(config, args, device, dtype) -> list[dict]:
     mask = torch.ones_like(inputs)
     results = []
 
-    def run(name: str, model: torch.nn.Module, forward: Callable[[], torch.Tensor], compile_: bool):
+    def run(name: str, model: torch.nn.Module, forward: Callable[[], torch.Tensor]):
         model.to(device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-        fn = torch.compile(forward) if compile_ else forward
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
         def step():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                loss = fn()
+                loss = forward()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -87,14 +86,20 @@ def bench_training(config, args, device, dtype) -> list[dict]:
                         "mfu": flops / seconds / args.peak_flops, "peak_gib": peak_memory_gib(device)})  # fmt: skip
         model.cpu()
 
+    positions, targets = masked_tokens(flat_labels)  # on the host side of a real step; here once
     torch.manual_seed(0)
     ours = NomicBertForPreTraining(config)
     peer = transformers.NomicBertForMaskedLM(hf_config(config))
+    compiled_peer = None
     for compile_ in (False, True) if args.compile else (False,):
         suffix = " +compile" if compile_ else ""
+        if compile_:
+            ours.bert.compile_blocks()  # the trainers' run.compile: each block, dynamic shapes
+            compiled_peer = torch.compile(peer)  # transformers' usual way: the whole model
+        run_peer = compiled_peer or peer
         run("transformers NomicBert" + suffix, peer,
-            lambda: peer(input_ids=inputs, attention_mask=mask, labels=labels).loss, compile_)  # fmt: skip
-        run("ours" + suffix, ours, lambda: ours.forward_packed(flat_inputs, segments, flat_labels).loss, compile_)
+            lambda: run_peer(input_ids=inputs, attention_mask=mask, labels=labels).loss)  # fmt: skip
+        run("ours" + suffix, ours, lambda: ours.forward_packed(flat_inputs, segments, positions, targets).loss)
     return results
 
 
@@ -115,10 +120,13 @@ def bench_embedding(config, args, device, dtype) -> list[dict]:
         padded.append(((ids * mask).to(device), mask.to(device)))
     packed = [(ids[mask.bool()], Segments.from_lengths(batch, device=device)) for (ids, mask), batch in zip(padded, batches)]
 
-    @torch.inference_mode()
-    def run_peer():
-        for ids, mask in padded:
-            mean_pool(peer(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    def peer_pass(model):
+        @torch.inference_mode()
+        def run():
+            for ids, mask in padded:
+                mean_pool(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+
+        return run
 
     @torch.inference_mode()
     def run_ours():
@@ -126,12 +134,20 @@ def bench_embedding(config, args, device, dtype) -> list[dict]:
             mean_pool_packed(ours.forward_packed(ids, segments), segments)
 
     results = []
-    for name, fn in (("transformers NomicBert", run_peer), ("ours", run_ours)):
+
+    def measure(name: str, fn: Callable[[], None]) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds = timed(fn, device, 1, max(1, args.iters // 2))
+        seconds = timed(fn, device, 1, max(1, args.iters // 2))  # the warm-up pass also compiles
         results.append({"bench": "embed 32-512", "impl": name, "tokens_per_s": total / seconds,
                         "mfu": float("nan"), "peak_gib": peak_memory_gib(device)})  # fmt: skip
+
+    measure("transformers NomicBert", peer_pass(peer))
+    measure("ours", run_ours)
+    if args.compile:
+        measure("transformers NomicBert +compile", peer_pass(torch.compile(peer, dynamic=True)))  # varying shapes
+        ours.compile_blocks()
+        measure("ours +compile", run_ours)
     return results
 
 
@@ -175,7 +191,7 @@ def main() -> None:
     print(f"# {datetime.date.today()} on {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"{'tiny' if args.tiny else 'nomic-bert-2048'}, {dtype}")  # fmt: skip
     rows = bench_training(config, args, device, dtype) + bench_embedding(config, args, device, dtype)
-    print(f"| bench | impl | tokens/s | vs peer | MFU | peak GiB |\n|---|---|---|---|---|---|")
+    print("| bench | impl | tokens/s | vs peer | MFU | peak GiB |\n|---|---|---|---|---|---|")
     for row in rows:
         peer_name = "transformers NomicBert" + (" +compile" if "compile" in row["impl"] else "")
         peer = next(r for r in rows if r["bench"] == row["bench"] and r["impl"] == peer_name)

@@ -15,15 +15,19 @@ token attend outside its own segment, and all of them compute the same function:
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 Backend = Literal["auto", "flash", "varlen", "sdpa", "eager"]
 BACKENDS = ("auto", "flash", "varlen", "sdpa", "eager")
+log = logging.getLogger("nomicbert.attention")
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_varlen_func
@@ -46,18 +50,19 @@ class Segments:
     padded_length: int  # length of the padded batch the tokens came from (the reference's NTK length)
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor | list[int], device: torch.device | str | None = None,
+    def from_lengths(cls, lengths: torch.Tensor | Sequence[int], device: torch.device | str | None = None,
                      padded_length: int | None = None) -> Segments:  # fmt: skip
-        if not isinstance(lengths, torch.Tensor):
-            lengths = torch.tensor(lengths, dtype=torch.int32)
-        lengths = lengths.to(device=device if device is not None else lengths.device, dtype=torch.int32)
-        if lengths.numel() == 0:
+        """Lengths given on the host (a list, numpy array or CPU tensor): the longest, the total and the offsets
+        are computed there and only ``cu_seqlens`` is moved, so building segments never waits for the device."""
+        host = torch.as_tensor(lengths, dtype=torch.int32, device="cpu") if not isinstance(lengths, torch.Tensor) \
+            else lengths.to("cpu", torch.int32)  # fmt: skip
+        if host.numel() == 0:
             raise ValueError("no sequences to attend over")
-        max_seqlen = int(lengths.max())
-        if int(lengths.min()) <= 0:
+        if int(host.min()) <= 0:
             raise ValueError("every sequence needs at least one token")
-        cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
-        return cls.from_cu_seqlens(cu_seqlens, max_seqlen, int(lengths.sum()), padded_length)
+        cu_seqlens = F.pad(torch.cumsum(host, 0, dtype=torch.int32), (1, 0))
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        return cls.from_cu_seqlens(host_to_device(cu_seqlens, target), int(host.max()), int(host.sum()), padded_length)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int, total_tokens: int,
@@ -79,38 +84,115 @@ class Segments:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
 
-def _half_on_cuda(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def pack_sequences(token_lists: Sequence[Sequence[int]], device: torch.device | str | None = None,
+                   ) -> tuple[torch.Tensor, Segments]:  # fmt: skip
+    """Token-id lists -> (ids [T] on ``device``, `Segments`), concatenated on the host per sequence (no Python loop
+    over tokens) and moved without making the host wait."""
+    if not len(token_lists):
+        raise ValueError("no sequences to pack")
+    ids = torch.from_numpy(np.concatenate([np.asarray(t, dtype=np.int64) for t in token_lists]))
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    return host_to_device(ids, target), Segments.from_lengths([len(t) for t in token_lists], target)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to ``device`` without making the host wait (through pinned memory on CUDA)."""
+    if device.type != "cuda" or tensor.device == device:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backend dispatch: which kernel runs, and why the faster ones could not
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackendChoice:
+    requested: str  # the model's attn_backend
+    chosen: str  # the kernel that ran
+    device: str  # e.g. "cuda", "cpu"
+    dtype: str  # q's dtype, e.g. "torch.bfloat16"
+    reason: str  # why the faster kernels were passed over ("" when the first choice ran)
+
+
+_choices: dict[tuple[str, str, str], BackendChoice] = {}
+
+
+def backend_choices() -> list[BackendChoice]:
+    """Every (requested backend, device, dtype) seen in this process and what ran for it, in first-seen order."""
+    return list(_choices.values())
+
+
+def reset_backend_choices() -> None:
+    _choices.clear()
+
+
+def unavailable_reason(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why ``backend`` cannot run on these inputs (None if it can). Only the padding-free kernels have limits."""
+    if backend == "flash" and flash_attn_varlen_func is None:
+        return "flash-attn is not installed (pip install '.[gpu]')"
+    if backend == "varlen" and varlen_attn is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch >= 2.10)"
+    if backend in ("flash", "varlen"):
+        if not q.is_cuda:
+            return f"the tensors are on {q.device.type}; the kernel needs CUDA"
+        if not (q.dtype == k.dtype == v.dtype):
+            return f"q, k and v differ in dtype ({q.dtype}, {k.dtype}, {v.dtype})"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"the tensors are {q.dtype}; the kernel needs fp16/bf16 (run.precision: bf16, or cast the model)"
+    return None
+
+
+def resolve_backend(requested: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """``auto`` -> flash, else varlen, else sdpa; an explicit backend that cannot run raises with the reason. The
+    choice is recorded (`backend_choices`) and logged once per (request, device, dtype); ``auto`` falling back to
+    the padded kernel on CUDA is a warning, since training then pays for padding."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose one of {BACKENDS}")
+    reasons = []
+    if requested == "auto":
+        chosen = "sdpa"
+        for candidate in ("flash", "varlen"):
+            reason = unavailable_reason(candidate, q, k, v)
+            if reason is None:
+                chosen = candidate
+                break
+            reasons.append(f"{candidate}: {reason}")
+    else:
+        reason = unavailable_reason(requested, q, k, v)
+        if reason is not None:
+            raise RuntimeError(f"attention backend {requested!r} cannot run: {reason}")
+        chosen = requested
+    key = (requested, q.device.type, str(q.dtype))
+    if key in _choices:
+        return chosen
+    choice = _choices[key] = BackendChoice(requested, chosen, q.device.type, str(q.dtype), "; ".join(reasons))
+    message = "attention backend %s on %s %s -> %s%s"
+    args = (requested, choice.device, choice.dtype, chosen, f" ({choice.reason})" if choice.reason else "")
+    if requested == "auto" and chosen == "sdpa" and q.is_cuda:
+        log.warning(message + "; the padded kernel wastes compute on padding", *args)
+    else:
+        log.info(message, *args)
+    return chosen
 
 
 def flash_available(q: torch.Tensor) -> bool:
-    return flash_attn_varlen_func is not None and _half_on_cuda(q)
+    return unavailable_reason("flash", q, q, q) is None
 
 
 def torch_varlen_available(q: torch.Tensor) -> bool:
-    return varlen_attn is not None and _half_on_cuda(q)
+    return unavailable_reason("varlen", q, q, q) is None
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
                      backend: Backend = "auto") -> torch.Tensor:  # fmt: skip
     """Bidirectional attention within each segment. q, k, v: [T, heads, head_dim] -> [T, heads, head_dim]."""
-    if backend == "auto":
-        backend = "flash" if flash_available(q) else "varlen" if torch_varlen_available(q) else "sdpa"
+    backend = resolve_backend(backend, q, k, v)
+    s = segments
     if backend == "flash":
-        if not flash_available(q):
-            raise RuntimeError("attention backend 'flash' needs flash-attn installed, a CUDA device and fp16/bf16")
-        s = segments
         return flash_attn_varlen_func(q, k, v, s.cu_seqlens, s.cu_seqlens, s.max_seqlen, s.max_seqlen, causal=False)
     if backend == "varlen":
-        if not torch_varlen_available(q):
-            raise RuntimeError("attention backend 'varlen' needs torch >= 2.10, a CUDA device and fp16/bf16")
-        s = segments
         return varlen_attn(q, k, v, s.cu_seqlens, s.cu_seqlens, s.max_seqlen, s.max_seqlen)
-    if backend == "sdpa":
-        return _padded_attention(q, k, v, segments, _sdpa)
-    if backend == "eager":
-        return _padded_attention(q, k, v, segments, _eager)
-    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+    return _padded_attention(q, k, v, segments, _sdpa if backend == "sdpa" else _eager)
 
 
 def _padded_attention(q, k, v, segments: Segments, kernel) -> torch.Tensor:

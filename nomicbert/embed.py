@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nomicbert.attention import Segments
+from nomicbert.attention import Segments, pack_sequences
 from nomicbert.config import TASK_PREFIXES, NomicBertConfig, check_dim
 from nomicbert.model import NomicBertModel
 
@@ -135,21 +135,19 @@ class Embedder:
 
     @torch.inference_mode()
     def pool(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Mean-pooled hidden states [n, H] (fp32, on the CPU) in input order, batched by a token budget."""
+        """Mean-pooled hidden states [n, H] (fp32, on the CPU) in input order, batched by a token budget. Batches
+        are packed on the host and their results stay on the device until one copy back at the end."""
         n = len(token_ids)
-        out = torch.empty(n, self.config.hidden_size, dtype=torch.float32)
         order = sorted(range(n), key=lambda i: -len(token_ids[i]))
-        start = 0
+        pooled, start = [], 0
         while start < n:
             longest = max(len(token_ids[order[start]]), 1)
             count = max(1, min(self.batch_size, self.batch_tokens // longest, n - start))
-            batch = order[start : start + count]
-            lengths = [len(token_ids[i]) for i in batch]
-            ids = torch.tensor([t for i in batch for t in token_ids[i]], dtype=torch.long, device=self.device)
-            segments = Segments.from_lengths(lengths, device=self.device)
-            hidden = self.model.forward_packed(ids, segments)
-            out[batch] = mean_pool_packed(hidden, segments).cpu()
+            ids, segments = pack_sequences([token_ids[i] for i in order[start : start + count]], self.device)
+            pooled.append(mean_pool_packed(self.model.forward_packed(ids, segments), segments))
             start += count
+        out = torch.empty(n, self.config.hidden_size, dtype=torch.float32)
+        out[order] = torch.cat(pooled).cpu()
         return out
 
     def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None,

@@ -36,29 +36,39 @@ def inverse_frequencies(base: float, dim: int, device: torch.device | None = Non
 
 
 def rotary_cos_sin(config: NomicBertConfig, segments: Segments, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cos/sin [T, head_dim/2]. The NTK length L is each sequence's own length, or with
-    ``ntk_length="batch"`` the padded batch length; nothing is cached between calls."""
+    """Per-token cos/sin at full head width, [T, 1, head_dim] in ``dtype``, computed once per forward and shared by
+    every layer. The NTK length L is each sequence's own length, or with ``ntk_length="batch"`` the padded batch
+    length; nothing is cached between calls and nothing is read back from the device."""
     device, d = segments.positions.device, config.head_dim
     inv_freq = inverse_frequencies(config.rotary_emb_base, d, device)[None, :]  # (1, d/2)
     scaled = config.rotary_scaling_factor and (
         segments.padded_length if config.ntk_length == "batch" else segments.max_seqlen
     ) > config.max_trained_positions
-    if scaled:
-        if config.ntk_length == "batch":
-            inv_freq = inverse_frequencies(ntk_base(config, segments.padded_length), d, device)[None, :]
-        else:  # one table per distinct length (few per batch); host sync only on this long-input path
-            lengths = segments.lengths
-            per_seq = torch.stack([inverse_frequencies(ntk_base(config, int(n)), d, device) for n in lengths.tolist()])
-            inv_freq = per_seq[segments.seq_index]  # (T, d/2)
+    if scaled and config.ntk_length == "batch":
+        inv_freq = inverse_frequencies(ntk_base(config, segments.padded_length), d, device)[None, :]
+    elif scaled:  # one base per sequence, vectorised on the device: base' where L > T, b elsewhere
+        a, T, b = config.rotary_scaling_factor, config.max_trained_positions, config.rotary_emb_base
+        lengths = segments.lengths.double()
+        base = torch.where(lengths > T, b * ((a * lengths / T) - (a - 1)) ** (d / (d - 2)), b).float()  # (n,)
+        exponents = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+        inv_freq = (1.0 / base[:, None] ** exponents)[segments.seq_index]  # (T, d/2)
     angles = segments.positions.float()[:, None] * inv_freq  # (T, d/2), fp32 as in the reference
+    angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # (T, 1, d): the half split repeats the frequencies
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX half split over the full head dim. x: (T, heads, d); cos/sin: (T, d/2)."""
-    cos, sin = cos[:, None, :].repeat(1, 1, 2), sin[:, None, :].repeat(1, 1, 2)  # (T, 1, d)
+    """GPT-NeoX half split over the full head dim. x: (T, heads, d); cos/sin: (T, 1, d) in x's dtype."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the linear layers produce from ``x``: autocast's when it is on (q, k, v come out of Wqkv in it), else
+    ``x``'s own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,11 +167,17 @@ class NomicBertModel(nn.Module):
         self.pooler = NomicBertPooler(config) if add_pooling_layer else None
         self.apply(lambda m: init_weights(m, config))
 
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every encoder block in place (parameter names unchanged, so checkpoints and FSDP units
+        stay as they are), with dynamic shapes: packed batches of any total and longest length share one graph."""
+        for layer in self.encoder.layers:
+            layer.compile(dynamic=True)
+
     def forward_packed(self, input_ids: torch.Tensor, segments: Segments,
                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """input_ids: [T] tokens of all sequences back to back -> hidden states [T, hidden]."""
         x = self.emb_ln(self.embeddings(input_ids, token_type_ids))
-        cos, sin = rotary_cos_sin(self.config, segments, x.dtype)
+        cos, sin = rotary_cos_sin(self.config, segments, compute_dtype(x))
         for layer in self.encoder.layers:
             x = layer(x, cos, sin, segments, self.attn_backend)
         return x
@@ -262,15 +278,15 @@ class NomicBertForPreTraining(nn.Module):
         if config.tie_word_embeddings:
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def forward_packed(self, input_ids: torch.Tensor, segments: Segments, labels: torch.Tensor,
-                       token_type_ids: torch.Tensor | None = None) -> MaskedLMOutput:  # fmt: skip
-        """Loss on masked positions only: the head runs on the M masked tokens, not on all T."""
+    def forward_packed(self, input_ids: torch.Tensor, segments: Segments, masked_positions: torch.Tensor,
+                       masked_labels: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> MaskedLMOutput:  # fmt: skip
+        """Loss on the M masked tokens only: the head runs on them, not on all T. ``masked_positions`` [M] index the
+        T packed tokens and ``masked_labels`` [M] are their targets; take both from `masked_tokens` on the host, so
+        the step never waits for the device to find them."""
         hidden = self.bert.forward_packed(input_ids, segments, token_type_ids)
-        masked = labels != -100
-        targets = labels[masked]
-        logits = self.cls.predictions(hidden[masked])
-        loss = F.cross_entropy(logits.float(), targets)
-        return MaskedLMOutput(loss, logits, targets)
+        logits = self.cls.predictions(hidden.index_select(0, masked_positions))
+        loss = F.cross_entropy(logits.float(), masked_labels)
+        return MaskedLMOutput(loss, logits, masked_labels)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None):  # fmt: skip
@@ -279,7 +295,14 @@ class NomicBertForPreTraining(nn.Module):
             return self.cls.predictions(self.bert(input_ids, attention_mask, token_type_ids))
         keep, segments = unpad(input_ids, attention_mask)
         types = token_type_ids[keep] if token_type_ids is not None else None
-        return self.forward_packed(input_ids[keep], segments, labels[keep], types)
+        return self.forward_packed(input_ids[keep], segments, *masked_tokens(labels[keep]), types)
+
+
+def masked_tokens(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed labels [T] (-100 = not masked) -> (positions [M], targets [M]). Run it on the host copy of the labels:
+    on a device it has to wait for the device to learn M."""
+    positions = (labels != -100).nonzero().squeeze(1)
+    return positions, labels[positions]
 
 
 class NomicBertForSequenceClassification(nn.Module):
@@ -335,6 +358,7 @@ __all__ = [
     "MaskedLMOutput",
     "Segments",
     "count_parameters",
+    "masked_tokens",
     "mlm_flops_per_token",
     "ntk_base",
     "unpad",

@@ -22,7 +22,7 @@ from nomicbert.checkpoint import (
 )
 from nomicbert.config import tiny
 from nomicbert.embed import Embedder, finalize, mean_pool
-from nomicbert.model import ntk_base
+from nomicbert.model import masked_tokens, ntk_base
 from nomicbert.tokenizer import load_tokenizer
 
 
@@ -268,7 +268,7 @@ def test_tiny_masked_lm_learns_on_real_text(shared_data):
         masked = torch.rand(batch.shape, generator=g) < 0.3
         labels = torch.where(masked, batch, torch.full_like(batch, -100))
         inputs = torch.where(masked, torch.full_like(batch, 103), batch)
-        out = model.forward_packed(inputs, Segments.from_lengths([64] * 8), labels)
+        out = model.forward_packed(inputs, Segments.from_lengths([64] * 8), *masked_tokens(labels))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

@@ -4,14 +4,11 @@ loop run without Ray (as the GPU benchmarks call it)."""
 from __future__ import annotations
 
 import pytest
-import torch
-from train_helpers import make_mlm_data, masked_rows, stage_config
+from train_helpers import stage_config
 
-from nomicbert.checkpoint import load_model
 from nomicbert.config import tiny
 from nomicbert.model import NomicBertForPreTraining
 from workflows import checkpoints, mlm, optimization, settings
-from workflows.session import Session
 
 
 def test_every_parameter_is_in_exactly_one_group():
@@ -27,7 +24,7 @@ def test_every_parameter_is_in_exactly_one_group():
 
 def test_schedule_warms_up_then_decays_to_zero():
     cfg = settings.OptimConfig(lr=1.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0, warmup_steps=0, warmup_ratio=0.06,
-                             schedule="linear", max_grad_norm=0.0)  # fmt: skip
+                             schedule="linear", max_grad_norm=0.0, max_skipped_in_row=1)  # fmt: skip
     f = optimization.lr_lambda(cfg, 100)
     assert [round(f(s), 3) for s in (0, 5, 6, 53)] == [0.167, 1.0, 1.0, 0.5] and f(100) == 0.0
     cosine = optimization.lr_lambda(settings.OptimConfig(**{**cfg.__dict__, "schedule": "cosine"}), 100)
@@ -63,21 +60,3 @@ def test_config_errors_name_the_problem(tmp_path):
         raw = read_yaml(mlm.__file__.replace("mlm.py", "configs/mlm.yaml"))
         del raw["run"]["fault_step"]
         load_config(mlm.MLMConfig, raw=raw)
-
-
-def test_nan_loss_stops_without_ray_and_keeps_the_last_good_checkpoint(tmp_path, shared_data):
-    """The loop as a plain function (no Ray): an absurd LR drives the loss to inf/NaN within a few steps."""
-    data = make_mlm_data(shared_data, tmp_path / "mlm-data", rows=16, row_length=32)
-    cfg = stage_config(mlm.MLMConfig, "mlm", tmp_path, data=str(data), output_dir=str(tmp_path / "out"), model="tiny",
-                       model_overrides={}, global_batch=2, micro_batch=2, max_steps=0,
-                       **{"optim.lr": 1e30, "optim.warmup_ratio": 0.0, "run.checkpoint_every": 1})  # fmt: skip
-    rows = masked_rows(data)
-    batches = ({k: v[i : i + 2] for k, v in rows.items()} for i in range(0, 16, 2))
-    session = Session.local(tmp_path / "checkpoints", device="cpu")
-    with pytest.raises(optimization.NonFiniteLossError, match="the last good one is kept") as err:
-        mlm.train(cfg, batches, session, total_steps=8)
-    failed_step = int(str(err.value).split("at step ")[1].split(";")[0])
-    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert failed_step > 1 and saved[-1] == f"step-{failed_step - 1:08d}", saved
-    model = load_model(tmp_path / "checkpoints" / saved[-1], kind="mlm")
-    assert all(torch.isfinite(p).all() for p in model.parameters())

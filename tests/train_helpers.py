@@ -104,3 +104,44 @@ def metric_history(run_id: str, key: str) -> dict[int, float]:
 
     history = sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.timestamp)
     return {m.step: m.value for m in history}
+
+
+def local_mlm_batches(data: Path, batch_rows: int) -> list[dict]:
+    """`masked_rows` cut into the trainer's numpy batches of ``batch_rows`` rows."""
+    rows = masked_rows(data)
+    return [{k: v[i : i + batch_rows] for k, v in rows.items()} for i in range(0, len(rows["row_id"]), batch_rows)]
+
+
+def poison_gradients(model, steps: set[int]) -> None:
+    """Test-only hook: the gradient of one weight becomes inf on the given optimizer steps (1-based; one backward
+    per step, i.e. no gradient accumulation)."""
+    import torch
+
+    calls = {"n": 0}
+
+    def hook(grad):
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] in steps else grad
+
+    next(p for p in model.parameters() if p.ndim == 2).register_hook(hook)
+
+
+def inf_gradient_loop(loop_config: dict) -> dict:
+    """A Ray Train worker loop: the masked-LM stage with `poison_gradients` on ``loop_config["inf_steps"]``, and a
+    line per attempt in ``loop_config["attempts"]`` (a retry would add one)."""
+    from workflows import mlm
+
+    with open(loop_config["attempts"], "a") as f:
+        f.write("attempt\n")
+    build = mlm.build_model
+
+    def poisoned(cfg):
+        model = build(cfg)
+        poison_gradients(model, set(loop_config["inf_steps"]))
+        return model
+
+    mlm.build_model = poisoned
+    try:
+        return mlm.train_loop_per_worker(loop_config)
+    finally:
+        mlm.build_model = build

@@ -12,24 +12,27 @@ run this same loop with hard negatives and the Matryoshka loss.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from nomicbert.attention import Segments
+from nomicbert.attention import pack_sequences
 from nomicbert.embed import mean_pool_packed
 from nomicbert.losses import ContrastiveLoss, GradCache, check_dims
 from nomicbert.model import NomicBertModel
 from ops.pairs import AddPrefixes
-from workflows import chaos, checkpoints, ingest, launch, optimization
-from workflows.progress import Progress
+from workflows import checkpoints, ingest, launch
+from workflows.loop import StepOutput, train_steps
 from workflows.session import Session, all_reduce_sum, autocast, no_sync
 from workflows.settings import MlflowSettings, OptimConfig, RunSettings
+
+log = logging.getLogger("workflows.train")
 
 
 @dataclass
@@ -39,7 +42,7 @@ class ContrastiveConfig:
     init_checkpoint: str  # masked-LM checkpoint (encoder taken) or an encoder checkpoint
     attn_backend: str  # auto | flash | sdpa | eager
     global_batch: int  # queries per step over all workers (reference: 16384 contrastive, 256 fine-tuning)
-    grad_cache_chunk: int  # texts per chunk with gradient caching; 0 = off (one forward for the local batch)
+    grad_cache_chunk: int | Literal["auto"]  # texts per gradient-cache chunk; 0 = off; auto = sized from free GPU memory
     num_negatives: int  # hard negatives per query (fine-tuning: 7); 0 = in-batch negatives only
     source_weights: dict[str, float] | None  # mixture weights per source (0 leaves one out); None = by size
     logit_scale: float  # fixed, not trained (50 = temperature 0.02)
@@ -59,7 +62,8 @@ class ContrastiveConfig:
         workers = max(1, self.run.num_workers)
         if self.global_batch < workers or self.global_batch % workers:
             raise ValueError(f"global_batch {self.global_batch} must be a multiple of the {workers} workers")
-        if self.grad_cache_chunk < 0 or self.num_negatives < 0 or self.logit_scale <= 0:
+        if (self.grad_cache_chunk != "auto" and self.grad_cache_chunk < 0) or self.num_negatives < 0 \
+                or self.logit_scale <= 0:  # fmt: skip
             raise ValueError("grad_cache_chunk and num_negatives must be >= 0, logit_scale > 0")
         if self.epochs < 1 or self.max_steps < 0:
             raise ValueError("epochs must be >= 1 and max_steps >= 0")
@@ -74,20 +78,23 @@ class ContrastiveConfig:
 
 
 class PackedEncoder(nn.Module):
-    """Token-id lists -> mean-pooled fp32 embeddings [n, H], packed without padding, behind ``forward`` so DDP
-    sees every encoding."""
+    """Streams of token-id lists -> one mean-pooled fp32 embedding matrix [n, H] per stream. Each stream is packed
+    on its own (queries are never padded to document length, and each keeps its own longest length for the kernel),
+    all behind one ``forward`` so DDP sees a single forward per backward."""
 
     def __init__(self, model: NomicBertModel, precision: str):
         super().__init__()
         self.model, self.precision = model, precision
 
-    def forward(self, token_lists: list[list[int]]) -> torch.Tensor:
+    def forward(self, streams: list[list[list[int]]]) -> list[torch.Tensor]:
         device = self.model.embeddings.word_embeddings.weight.device
-        segments = Segments.from_lengths([len(t) for t in token_lists], device=device)
-        ids = torch.tensor([i for t in token_lists for i in t], dtype=torch.long, device=device)
-        with autocast(self.precision, device):
-            hidden = self.model.forward_packed(ids, segments)
-        return mean_pool_packed(hidden, segments)
+        pooled = []
+        for token_lists in streams:
+            ids, segments = pack_sequences(token_lists, device)
+            with autocast(self.precision, device):
+                hidden = self.model.forward_packed(ids, segments)
+            pooled.append(mean_pool_packed(hidden, segments))
+        return pooled
 
 
 def build_model(cfg: ContrastiveConfig) -> NomicBertModel:
@@ -139,53 +146,49 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
     tokenizer = load_tokenizer_for(cfg.init_checkpoint)
     with session.latest_checkpoint() as folder:
         resumed = checkpoints.load_weights(folder, model) if folder is not None else None
+    if cfg.run.compile:
+        model.compile_blocks()
     net = session.prepare(PackedEncoder(model, cfg.run.precision), cfg.run.strategy)
-    optimizer = optimization.adamw(model, cfg.optim)
-    sched = optimization.scheduler(optimizer, cfg.optim, total_steps)
-    step, consumed = checkpoints.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
     loss_fn = ContrastiveLoss(cfg.logit_scale, 1 + cfg.num_negatives, cfg.matryoshka_dims or None,
                               cfg.matryoshka_weights or None)  # fmt: skip
-    cache = GradCache(cfg.grad_cache_chunk, session.device) if cfg.grad_cache_chunk else None
-    progress = Progress(cfg.stage, total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
-    progress.layout(model, cfg.run.strategy, session.world_size)
-    rows = chaos.RowLog(cfg.run.row_log, session.rank)
+    chunk = grad_cache_chunk(cfg, net, session.device)
+    cache = GradCache(chunk, session.device) if chunk else None
+    skip_sync = no_sync(net)
 
     def tokenize(texts: list[str], max_length: int) -> list[list[int]]:
         return tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
 
-    metrics: dict[str, float] = {}
-    net.train()
-    for index, batch in enumerate(batches):
-        if index < consumed:  # resume: these global batches were trained on before the restart
-            continue
-        if step >= total_steps:
-            break
-        chaos.maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
+    def forward_backward(batch: dict[str, np.ndarray], index: int) -> StepOutput:
         queries, documents = texts_of(batch, cfg.num_negatives, cfg.run.seed, index)
         q_ids, d_ids = tokenize(queries, cfg.query_max_length), tokenize(documents, cfg.document_max_length)
         if cache is not None:
-            loss = cache.step(net, [q_ids, d_ids], loss_fn, no_sync(net))
-        else:  # one forward for queries and documents: DDP allows one forward per backward
-            pooled = net(q_ids + d_ids)
-            loss = loss_fn(pooled[: len(q_ids)], pooled[len(q_ids) :])
+            loss = cache.step(lambda token_lists: net([token_lists])[0], [q_ids, d_ids], loss_fn, skip_sync)
+        else:
+            loss = loss_fn(*net([q_ids, d_ids]))
             loss.backward()
-        norm = optimization.grad_norm(model, cfg.optim.max_grad_norm)
-        (loss_value,) = all_reduce_sum([loss.item() / session.world_size], session.device)
-        optimization.check_finite(loss_value, step + 1)
-        lr = sched.get_last_lr()[0]
-        optimizer.step()
-        sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, consumed = step + 1, index + 1
-        rows.write(step, batch["row_id"])
         tokens = sum(map(len, q_ids)) + sum(map(len, d_ids))
-        metrics = progress.step(step, tokens * session.world_size, {"loss": loss_value, "lr": lr, "grad_norm": norm})
-        if step % cfg.run.checkpoint_every == 0 or step == total_steps:
-            weights, optimizer_state = checkpoints.full_state(model, optimizer)
-            state = {"step": step, "batches_consumed": consumed, "loss": loss_value, "weights": weights,
-                     "optimizer": optimizer_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-            session.report(metrics, step, lambda f: checkpoints.write_checkpoint(f, model, tokenizer, state))
-    return {"step": step, **metrics}
+        return StepOutput(all_reduce_sum(loss.detach()) / session.world_size, tokens * session.world_size)
+
+    return train_steps(cfg.stage, cfg, model, net, tokenizer, session, batches, total_steps, forward_backward,
+                       resumed, mlflow_run)  # fmt: skip
+
+
+def grad_cache_chunk(cfg: ContrastiveConfig, net: nn.Module, device: torch.device) -> int:
+    """Texts per gradient-cache chunk: as configured, or with ``auto`` as many of the longest texts as fit in 80% of
+    the accelerator memory left free, from a measured activation cost per token (fixed 64 on a CPU)."""
+    if cfg.grad_cache_chunk != "auto":
+        return cfg.grad_cache_chunk
+    if device.type != "cuda":
+        return 64
+    from workflows.memory import activation_bytes_per_token
+
+    longest = max(cfg.query_max_length, cfg.document_max_length)
+    per_token = activation_bytes_per_token(net, lambda token_lists: net([token_lists])[0], device, longest)
+    free, _ = torch.cuda.mem_get_info(device)
+    chunk = max(1, int(0.8 * free / (per_token * longest)))
+    log.info("grad_cache_chunk auto: %.0f KiB of activations per token, %.1f GiB free -> %d texts of %d tokens",
+             per_token / 1024, free / 2**30, chunk, longest)  # fmt: skip
+    return chunk
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:

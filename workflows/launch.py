@@ -3,6 +3,7 @@ final model."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -12,6 +13,7 @@ from typing import Any
 
 from workflows import ingest
 from workflows.checkpoints import PROGRESS_FILE, STATE_DIR, export_final
+from workflows.optimization import NonFiniteStepsError
 from workflows.tracking import client_env, log_manifest, mlflow_run
 
 log = logging.getLogger("workflows.train")
@@ -31,6 +33,18 @@ def absolute_paths(config: Any) -> Any:
         changes["model"] = fix(config.model, must_exist=True)
     run = dataclasses.replace(config.run, row_log=fix(config.run.row_log))
     return dataclasses.replace(config, **changes, run=run)
+
+
+NOT_RETRIED = "not_retried_error"
+
+
+def stop_without_retry(loop: Callable[[dict], Any], loop_config: dict[str, Any]) -> Any:
+    """Run a worker's loop; a `NonFiniteStepsError` (deterministic: the same weights and data fail again) ends it
+    normally with the message, which `fit` raises, instead of letting Ray Train retry it ``max_failures`` times."""
+    try:
+        return loop(loop_config)
+    except NonFiniteStepsError as err:
+        return {NOT_RETRIED: str(err)}
 
 
 def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epochs, schedule: ingest.Schedule,
@@ -61,7 +75,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
             mlflow.set_tags({f"{stage}.epochs": schedule.epochs, f"{stage}.steps_per_epoch": schedule.batches_per_epoch,
                              f"{stage}.total_steps": schedule.total_steps})  # fmt: skip
             trainer = TorchTrainer(
-                loop,
+                functools.partial(stop_without_retry, loop),
                 train_loop_config={"config": to_dict(config), "mlflow": mlrun, "feeder": feeder_name,
                                    "total_steps": schedule.total_steps,
                                    "batches_per_epoch": schedule.batches_per_epoch, **(extra_loop_config or {})},
@@ -78,6 +92,8 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
             result = trainer.fit()
             if result.error is not None:
                 raise result.error
+            if isinstance(result.return_value, dict) and NOT_RETRIED in result.return_value:
+                raise NonFiniteStepsError(f"[{stage}] {result.return_value[NOT_RETRIED]}")
             with result.checkpoint.as_directory() as folder:
                 model_dir = export_final(Path(folder), config.output_dir, kind)
                 progress = json.loads((Path(folder) / STATE_DIR / PROGRESS_FILE).read_text())

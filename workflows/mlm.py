@@ -23,8 +23,8 @@ from torch import nn
 from nomicbert.attention import Segments
 from nomicbert.model import NomicBertForPreTraining
 from ops.mask import MaskTokens
-from workflows import chaos, checkpoints, ingest, launch, optimization
-from workflows.progress import Progress
+from workflows import checkpoints, ingest, launch
+from workflows.loop import StepOutput, train_steps
 from workflows.session import Session, all_reduce_sum, autocast, no_sync
 from workflows.settings import MlflowSettings, OptimConfig, RunSettings
 
@@ -65,10 +65,9 @@ class PackedMLM(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, lengths: list[int], labels: torch.Tensor):
-        segments = Segments.from_lengths(lengths, device=ids.device)
-        out = self.model.forward_packed(ids, segments, labels)
-        return out.loss * out.labels.numel(), (out.logits.argmax(-1) == out.labels).sum()
+    def forward(self, ids: torch.Tensor, segments: Segments, positions: torch.Tensor, targets: torch.Tensor):
+        out = self.model.forward_packed(ids, segments, positions, targets)
+        return out.loss * targets.numel(), (out.logits.argmax(-1) == targets).sum()
 
 
 def build_model(cfg: MLMConfig) -> NomicBertForPreTraining:
@@ -99,59 +98,39 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
     model = build_model(cfg)
     with session.latest_checkpoint() as folder:
         resumed = checkpoints.load_weights(folder, model) if folder is not None else None
+    if cfg.run.compile:
+        model.bert.compile_blocks()
     net = session.prepare(PackedMLM(model), cfg.run.strategy)
-    optimizer = optimization.adamw(model, cfg.optim)
-    sched = optimization.scheduler(optimizer, cfg.optim, total_steps)
-    step, consumed = checkpoints.restore(resumed, model, optimizer, sched) if resumed else (0, 0)
-    tokenizer = load_tokenizer()
-    progress = Progress("mlm", total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
-    progress.layout(model, cfg.run.strategy, session.world_size)
-    rows = chaos.RowLog(cfg.run.row_log, session.rank)
     accumulation = cfg.global_batch // (session.world_size * cfg.micro_batch)
     skip_sync = no_sync(net)
-    metrics: dict[str, float] = {}
-    net.train()
-    for index, batch in enumerate(batches):
-        if index < consumed:  # resume: these global batches were trained on before the restart
-            continue
-        if step >= total_steps:
-            break
-        chaos.maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
-        ids = torch.as_tensor(_stack(batch["input_ids"]), dtype=torch.long)
-        labels = torch.as_tensor(_stack(batch["labels"]), dtype=torch.long)
-        (masked_total,) = all_reduce_sum([float((labels != -100).sum())], session.device)
-        loss_sum = correct = 0.0
+
+    def forward_backward(batch: dict[str, np.ndarray], index: int) -> StepOutput:
+        ids, labels = _stack(batch["input_ids"]).astype(np.int64), _stack(batch["labels"]).astype(np.int64)
+        # the exact global mean over masked tokens: every worker needs the global count (summed on the device)
+        masked_total = all_reduce_sum(session.to_device(torch.tensor(float((labels != -100).sum()))))
+        loss_sum = correct = torch.zeros((), device=session.device)
         for m in range(accumulation):
             part = slice(m * cfg.micro_batch, (m + 1) * cfg.micro_batch)
             if cfg.attend_across_documents:
                 lengths = [ids.shape[1]] * ids[part].shape[0]
             else:
                 lengths = [int(n) for row in batch["doc_lengths"][part] for n in row]
+            flat_labels = labels[part].reshape(-1)
+            positions = np.flatnonzero(flat_labels != -100)  # found on the host: the device never reports M
+            inputs = [session.to_device(torch.from_numpy(x)) for x in (ids[part].reshape(-1), positions,
+                                                                       flat_labels[positions])]  # fmt: skip
+            segments = Segments.from_lengths(lengths, device=session.device)
             sync = m == accumulation - 1 or skip_sync is None
             with (contextlib.nullcontext() if sync else skip_sync()), autocast(cfg.run.precision, session.device):
-                part_loss, part_correct = net(ids[part].flatten().to(session.device), lengths,
-                                              labels[part].flatten().to(session.device))  # fmt: skip
+                part_loss, part_correct = net(inputs[0], segments, inputs[1], inputs[2])
             # each worker's share of the global mean; DDP averages over workers, hence * world_size
             (part_loss * session.world_size / masked_total).backward()
-            loss_sum, correct = loss_sum + part_loss.item(), correct + part_correct.item()
-        norm = optimization.grad_norm(model, cfg.optim.max_grad_norm)
-        loss_sum, correct = all_reduce_sum([loss_sum, correct], session.device)
-        loss = loss_sum / masked_total
-        optimization.check_finite(loss, step + 1)
-        lr = sched.get_last_lr()[0]
-        optimizer.step()
-        sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, consumed = step + 1, index + 1
-        rows.write(step, batch["row_id"])
-        metrics = progress.step(step, ids.numel() * session.world_size,
-                                {"loss": loss, "accuracy": correct / masked_total, "lr": lr, "grad_norm": norm})
-        if step % cfg.run.checkpoint_every == 0 or step == total_steps:
-            weights, optimizer_state = checkpoints.full_state(model, optimizer)
-            state = {"step": step, "batches_consumed": consumed, "loss": loss, "weights": weights,
-                     "optimizer": optimizer_state, "scheduler": sched.state_dict(), "rng": torch.get_rng_state()}
-            session.report(metrics, step, lambda f: checkpoints.write_checkpoint(f, model, tokenizer, state))
-    return {"step": step, **metrics}
+            loss_sum, correct = loss_sum + part_loss.detach(), correct + part_correct
+        loss_sum, correct = all_reduce_sum(torch.stack([loss_sum, correct.float()]))
+        return StepOutput(loss_sum / masked_total, ids.size * session.world_size, {"accuracy": correct / masked_total})
+
+    return train_steps("mlm", cfg, model, net, load_tokenizer(), session, batches, total_steps, forward_backward,
+                       resumed, mlflow_run)  # fmt: skip
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:

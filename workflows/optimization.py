@@ -1,4 +1,5 @@
-"""AdamW with decoupled weight decay groups, the warm-up/decay schedule, and the guard against non-finite steps."""
+"""AdamW with decoupled weight decay groups, the warm-up/decay schedule, and the optimizer step every trainer shares
+(clipping, skipping non-finite steps without a host sync)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """Fused AdamW (CPU and CUDA): one kernel per step, and it can skip a step on the device (``found_inf``)."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=True)  # fmt: skip
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
@@ -45,19 +48,58 @@ def scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; no checkpoint is written for the step, the last good one stays."""
+class NonFiniteStepsError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm, or the weights stopped being finite.
+    The same weights and data would fail again, so Ray Train does not retry it (see `workflows.launch.fit`)."""
 
 
-def check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise NonFiniteLossError(
-            f"loss is {loss} at step {step}; stopping without writing a checkpoint (the last good one is kept). "
-            "Lower optim.lr, check the data, or use fp32."
-        )
+class OptimizerStep:
+    """What every trainer does after its backward: clip, skip a non-finite step, AdamW, schedule.
 
+    Nothing here reads a value back from the device: the gradient norm and the decision to skip stay on the device
+    (fused AdamW skips its update when ``found_inf`` is set, as under torch.amp's GradScaler), and the counters of
+    skipped steps are read by `check` only when the loop logs or checkpoints. A skipped step still consumes its batch
+    and advances the schedule.
+    """
 
-def grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Total gradient norm, clipping to ``max_norm`` when it is > 0 (over all shards under FSDP)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    def __init__(self, model: nn.Module, cfg: OptimConfig, total_steps: int, device: torch.device):
+        self.model, self.max_grad_norm, self.max_skipped_in_row = model, cfg.max_grad_norm, cfg.max_skipped_in_row
+        self.optimizer = adamw(model, cfg)
+        self.scheduler = scheduler(self.optimizer, cfg, total_steps)
+        self.skipped = torch.zeros((), device=device)  # non-finite steps so far (this attempt)
+        self.in_row = torch.zeros((), device=device)  # non-finite steps in a row, ending at the last step
+
+    def __call__(self, loss: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """``loss``: the global batch's loss (the same on every worker). Returns what to log (device scalars and the
+        learning rate the step used)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))  # fmt: skip
+        if hasattr(norm, "full_tensor"):  # FSDP: the norm over all shards
+            norm = norm.full_tensor()
+        not_finite = (~(torch.isfinite(norm) & torch.isfinite(loss.detach()))).float()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.found_inf = not_finite  # fused AdamW leaves weights, moments and its step count alone
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped += not_finite
+        self.in_row = (self.in_row + 1) * not_finite
+        return {"grad_norm": norm.detach(), "lr": lr, "skipped_steps": self.skipped}
+
+    def check(self, step: int) -> None:
+        """Host read (at log and checkpoint steps only): stop once ``max_skipped_in_row`` steps in a row were skipped."""
+        in_row = int(self.in_row)
+        if in_row >= self.max_skipped_in_row:
+            raise NonFiniteStepsError(
+                f"steps {step - in_row + 1}..{step}: {in_row} optimizer steps in a row had a non-finite loss or "
+                f"gradient norm and were skipped (optim.max_skipped_in_row={self.max_skipped_in_row}); the last "
+                "checkpoint is kept. Lower optim.lr, check the data, or use fp32."
+            )
+
+    def check_weights(self, step: int) -> None:
+        """Before a checkpoint: a finite gradient can still carry the weights past the float range (an absurd LR)."""
+        if not all(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in self.model.parameters()):
+            raise NonFiniteStepsError(
+                f"the weights are not finite at step {step}; no checkpoint is written (the last one is kept). Lower "
+                "optim.lr or set optim.max_grad_norm."
+            )

@@ -17,7 +17,7 @@ class Progress:
                  log_every: int):  # fmt: skip
         self.stage, self.total, self.rank, self.log_every = stage, total_steps, rank, log_every
         self.start_step, self.start = start_step, time.perf_counter()
-        self.last = self.start
+        self.last, self.tokens = self.start, 0
         self.client = None
         if mlflow_run and rank == 0:
             from mlflow import MlflowClient
@@ -39,11 +39,20 @@ class Progress:
                 self.client.set_tag(self.run_id, f"{self.stage}.parameters_per_worker", str(local))
                 self.client.set_tag(self.run_id, f"{self.stage}.parameters", str(total))
 
-    def step(self, step: int, tokens: int, metrics: dict[str, float]) -> dict[str, float]:
+    def count(self, tokens: int) -> None:
+        """Every step: the global batch's tokens (a host count), for the rate over the next logged window."""
+        self.tokens += tokens
+
+    def due(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total
+
+    def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """At a logged step (its values already read from the device): tokens/s over the window since the last log,
+        the console line on rank 0 and the MLflow metrics ``<stage>/<name>``."""
         now = time.perf_counter()
-        metrics = {**metrics, "tokens_per_s": tokens / max(now - self.last, 1e-9)}
-        self.last = now
-        if self.rank == 0 and (step % self.log_every == 0 or step == self.total):
+        metrics = {**metrics, "tokens_per_s": self.tokens / max(now - self.last, 1e-9)}
+        self.last, self.tokens = now, 0
+        if self.rank == 0:
             per_step = (now - self.start) / max(1, step - self.start_step)
             eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (self.total - step)))
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nomicbert.attention import host_to_device
 from nomicbert.model import NomicBertBlock
 from workflows.checkpoints import atomic_folder
 from workflows.settings import RunSettings
@@ -44,6 +45,10 @@ class Session:
     @property
     def is_ray(self) -> bool:
         return self.checkpoint_root is None
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on this worker's device, without making the host wait for the copy."""
+        return host_to_device(tensor, self.device)
 
     def prepare(self, net: nn.Module, strategy: str = "ddp") -> nn.Module:
         """Move to the device; with several workers wrap in DDP, or shard with FSDP2 (each transformer block
@@ -114,14 +119,14 @@ def no_sync(net: nn.Module) -> Callable[[], contextlib.AbstractContextManager] |
     return fsdp_no_sync
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum floats over workers (identity with one)."""
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over workers, on the device (identity with one worker); nothing is read back."""
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
         dist.all_reduce(tensor)
-    return tensor.tolist()
+    return tensor
 
 
 def autocast(precision: str, device: torch.device):

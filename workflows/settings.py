@@ -16,6 +16,7 @@ class OptimConfig:
     warmup_ratio: float  # fraction of the total steps (MLM: 0.06)
     schedule: Literal["linear", "cosine"]  # decay to 0 after the warm-up
     max_grad_norm: float  # 0 = no clipping (the norm is still logged)
+    max_skipped_in_row: int  # non-finite steps are skipped; this many in a row stop the job (not retried)
 
     def __post_init__(self) -> None:
         if self.warmup_steps and self.warmup_ratio:
@@ -24,6 +25,8 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0 (got {self.lr})")
+        if self.max_skipped_in_row < 1:
+            raise ValueError(f"optim.max_skipped_in_row must be >= 1 (got {self.max_skipped_in_row})")
 
 
 @dataclass
@@ -37,6 +40,7 @@ class RunSettings:
     worker_resources: dict[str, float]  # custom resources per worker: the node type trainers run on (cluster.yaml)
     data_resources: dict[str, float]  # custom resources per input-pipeline task: the node type data runs on
     precision: Literal["fp32", "bf16"]  # bf16 autocast needs a GPU
+    compile: bool  # torch.compile each encoder block (dynamic shapes: one graph for all packed batch sizes)
     checkpoint_every: int  # steps
     keep_checkpoints: int
     max_failures: int  # Ray Train restarts from the last checkpoint this many times
