@@ -75,7 +75,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-contrastive-"))
     export_all(model, folder, tokenizer)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {datetime.date.today()} on {name}, torch {torch.__version__}, {'tiny' if args.tiny else 'nomic-bert-2048'}, "
+    shape = "tiny" if args.tiny else "nomic-bert-2048"
+    print(f"# {datetime.date.today()} on {name}, torch {torch.__version__}, {shape}, "
           f"{dtype}, batch {args.batch} pairs, chunk {args.chunk}, max length {args.max_length}")  # fmt: skip
     rows = []
 
@@ -109,8 +110,8 @@ def main() -> None:
         loss_fn = CachedMultipleNegativesRankingLoss(peer, scale=50.0, mini_batch_size=args.chunk)
 
         def peer_step() -> None:
-            features = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in peer.tokenize(texts).items()}
-                        for texts in (queries, documents)]  # fmt: skip
+            features = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                        for batch in (peer.tokenize(queries), peer.tokenize(documents))]  # fmt: skip
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = loss_fn(features, labels=None)
             loss.backward()

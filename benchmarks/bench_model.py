@@ -28,9 +28,9 @@ H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM (spec shee
 
 
 def hf_config(config: NomicBertConfig) -> transformers.NomicBertConfig:
-    raw = config.to_hf_dict()
+    raw = config.to_hf_dict()  # carries rope_parameters
     raw.pop("model_type"), raw.pop("architectures")
-    return transformers.NomicBertConfig(**raw, rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    return transformers.NomicBertConfig(**raw)
 
 
 def timed(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
@@ -96,7 +96,7 @@ def bench_training(config, args, device, dtype) -> list[dict]:
         if compile_:
             ours.bert.compile_blocks()  # the trainers' run.compile: each block, dynamic shapes
             compiled_peer = torch.compile(peer)  # transformers' usual way: the whole model
-        run_peer = compiled_peer or peer
+        run_peer = compiled_peer if compiled_peer is not None else peer
         run("transformers NomicBert" + suffix, peer,
             lambda: run_peer(input_ids=inputs, attention_mask=mask, labels=labels).loss)  # fmt: skip
         run("ours" + suffix, ours, lambda: ours.forward_packed(flat_inputs, segments, positions, targets).loss)

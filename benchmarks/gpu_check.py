@@ -42,15 +42,16 @@ def environment() -> str:
         lines.append("no CUDA device")
     from nomicbert.attention import flash_attn_varlen_func, varlen_attn
 
-    lines.append(f"flash-attn: {'yes' if flash_attn_varlen_func else 'no'}; torch varlen_attn: {'yes' if varlen_attn else 'no'}")
+    have = {"flash-attn": flash_attn_varlen_func is not None, "torch varlen_attn": varlen_attn is not None}
+    lines.append("; ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in have.items()))
     return "\n".join(lines)
 
 
 def part(name: str, command: list[str], timeout: int, out: Path) -> str:
     """Run one part; its whole output goes to ``out/<name>.log``; returns a summary block."""
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-           "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         text, status = done.stdout + done.stderr, f"exit {done.returncode}"
@@ -61,10 +62,10 @@ def part(name: str, command: list[str], timeout: int, out: Path) -> str:
     (out / f"{name}.log").write_text(text)
     seconds = time.perf_counter() - start
     print(f"[gpu-check] {name}: {status} in {seconds:.0f} s", flush=True)
-    keep = [line for line in text.splitlines() if line.startswith(("|", "#", "numerical", "PASSED", "FAILED", "SKIPPED",
-                                                                    "ERROR", "auto under", "mlm:", "contrastive:",
-                                                                    "finetune:", "matryoshka:"))
-            or " passed" in line or " failed" in line or "max abs error" in line]  # fmt: skip
+    starts = ("|", "#", "numerical", "PASSED", "FAILED", "SKIPPED", "ERROR", "auto under", "mlm:", "contrastive:",
+              "finetune:", "matryoshka:")  # fmt: skip
+    keep = [line for line in text.splitlines()
+            if line.startswith(starts) or " passed" in line or " failed" in line or "max abs error" in line]
     return f"## {name} ({status}, {seconds:.0f} s)\n\n" + "\n".join(keep[-60:]) + "\n"
 
 
@@ -73,18 +74,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gpu-check"))
     parser.add_argument("--pairs", type=Path, default=None, help="query/document JSON lines for the contrastive bench")
     parser.add_argument("--quick", action="store_true", help="skip the 16,384-pair contrastive benchmark")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks this script itself")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     summary = ["# gpu-check", "", "```", environment(), "```", ""]
     print(summary[3], flush=True)
     python = sys.executable
+    small = ["--device", "cpu", "--tiny"] if args.smoke else []
+    model_args = ["--rows", "2", "--seq", "128", "--texts", "64", "--iters", "1", "--warmup", "1", "--no-compile"] \
+        if args.smoke else ["--iters", "6", "--texts", "1024"]  # fmt: skip
+    pair_args = ["--batch", "32", "--chunk", "8", "--max-length", "64", "--iters", "1", "--warmup", "0"] \
+        if args.smoke else ["--iters", "1", "--warmup", "1"]  # fmt: skip
+    # time limits sized so the three parts fit one 10-minute command on one GPU
     summary.append(part("tests", [python, "-m", "pytest", "-q", "-rA", "-s", "-p", "no:cacheprovider",
-                                  "tests/test_gpu.py"], 300, args.out))  # fmt: skip
-    summary.append(part("bench_model", [python, "benchmarks/bench_model.py", "--iters", "6", "--texts", "1024"], 300,
-                        args.out))  # fmt: skip
+                                  "tests/test_gpu.py"], 170, args.out))  # fmt: skip
+    summary.append(part("bench_model", [python, "benchmarks/bench_model.py", *small, *model_args], 240, args.out))
     if not args.quick and args.pairs:
-        summary.append(part("bench_contrastive", [python, "benchmarks/bench_contrastive.py", "--pairs", str(args.pairs)],
-                            240, args.out))  # fmt: skip
+        command = [python, "benchmarks/bench_contrastive.py", "--pairs", str(args.pairs), *small, *pair_args]
+        summary.append(part("bench_contrastive", command, 150, args.out))
     (args.out / "summary.md").write_text("\n".join(summary))
     print("\n".join(summary))
 

@@ -279,7 +279,8 @@ class NomicBertForPreTraining(nn.Module):
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward_packed(self, input_ids: torch.Tensor, segments: Segments, masked_positions: torch.Tensor,
-                       masked_labels: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> MaskedLMOutput:  # fmt: skip
+                       masked_labels: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> MaskedLMOutput:  # fmt: skip
         """Loss on the M masked tokens only: the head runs on them, not on all T. ``masked_positions`` [M] index the
         T packed tokens and ``masked_labels`` [M] are their targets; take both from `masked_tokens` on the host, so
         the step never waits for the device to find them."""

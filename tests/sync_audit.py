@@ -161,7 +161,8 @@ def _waits(func: Callable, args: tuple, kwargs: dict) -> bool:
     if func in DATA_DEPENDENT:
         return True
     if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None)
+        masks = (torch.bool, torch.uint8)
+        return any(isinstance(i, torch.Tensor) and i.dtype in masks for i in args[1] if i is not None)
     if func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor):
         return kwargs.get("output_size") is None
     return False

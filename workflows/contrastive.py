@@ -42,7 +42,7 @@ class ContrastiveConfig:
     init_checkpoint: str  # masked-LM checkpoint (encoder taken) or an encoder checkpoint
     attn_backend: str  # auto | flash | sdpa | eager
     global_batch: int  # queries per step over all workers (reference: 16384 contrastive, 256 fine-tuning)
-    grad_cache_chunk: int | Literal["auto"]  # texts per gradient-cache chunk; 0 = off; auto = sized from free GPU memory
+    grad_cache_chunk: int | Literal["auto"]  # texts per gradient-cache chunk; 0 = off; auto = from free GPU memory
     num_negatives: int  # hard negatives per query (fine-tuning: 7); 0 = in-batch negatives only
     source_weights: dict[str, float] | None  # mixture weights per source (0 leaves one out); None = by size
     logit_scale: float  # fixed, not trained (50 = temperature 0.02)

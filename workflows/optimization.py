@@ -72,8 +72,8 @@ class OptimizerStep:
     def __call__(self, loss: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """``loss``: the global batch's loss (the same on every worker). Returns what to log (device scalars and the
         learning rate the step used)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                              self.max_grad_norm if self.max_grad_norm > 0 else float("inf"))  # fmt: skip
+        limit = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
         if hasattr(norm, "full_tensor"):  # FSDP: the norm over all shards
             norm = norm.full_tensor()
         not_finite = (~(torch.isfinite(norm) & torch.isfinite(loss.detach()))).float()
@@ -87,7 +87,8 @@ class OptimizerStep:
         return {"grad_norm": norm.detach(), "lr": lr, "skipped_steps": self.skipped}
 
     def check(self, step: int) -> None:
-        """Host read (at log and checkpoint steps only): stop once ``max_skipped_in_row`` steps in a row were skipped."""
+        """A host read (at logged and checkpoint steps only): stop once ``max_skipped_in_row`` steps in a row were
+        skipped."""
         in_row = int(self.in_row)
         if in_row >= self.max_skipped_in_row:
             raise NonFiniteStepsError(
@@ -98,7 +99,8 @@ class OptimizerStep:
 
     def check_weights(self, step: int) -> None:
         """Before a checkpoint: a finite gradient can still carry the weights past the float range (an absurd LR)."""
-        if not all(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in self.model.parameters()):
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters())
+        if not all(torch.isfinite(p).all() for p in local):
             raise NonFiniteStepsError(
                 f"the weights are not finite at step {step}; no checkpoint is written (the last one is kept). Lower "
                 "optim.lr or set optim.max_grad_norm."
