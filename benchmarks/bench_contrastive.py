@@ -97,6 +97,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         seconds = timed_steps(ours_step, device, args.warmup, args.iters)
         rows.append(("ours (packed streams + GradCache)", seconds, _peak(device)))
+        print(f"ours: {seconds:.2f} s / step, {args.batch / seconds:,.0f} pairs/s", flush=True)
         model.cpu()
 
     if args.only in (None, "peer"):
@@ -122,6 +123,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         seconds = timed_steps(peer_step, device, args.warmup, args.iters)
         rows.append(("sentence-transformers CachedMNRL over transformers NomicBert", seconds, _peak(device)))
+        print(f"peer: {seconds:.2f} s / step, {args.batch / seconds:,.0f} pairs/s", flush=True)
 
     peer_seconds = rows[-1][1]
     print("| impl | s / step | pairs/s | vs peer | peak GiB |\n|---|---|---|---|---|")

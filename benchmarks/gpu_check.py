@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a file (python benchmarks/gpu_check.py): the packages live one folder up
 
 
 def environment() -> str:
@@ -63,7 +64,7 @@ def part(name: str, command: list[str], timeout: int, out: Path) -> str:
     seconds = time.perf_counter() - start
     print(f"[gpu-check] {name}: {status} in {seconds:.0f} s", flush=True)
     starts = ("|", "#", "numerical", "PASSED", "FAILED", "SKIPPED", "ERROR", "auto under", "mlm:", "contrastive:",
-              "finetune:", "matryoshka:")  # fmt: skip
+              "finetune:", "matryoshka:", "ours:", "peer:")  # fmt: skip
     keep = [line for line in text.splitlines()
             if line.startswith(starts) or " passed" in line or " failed" in line or "max abs error" in line]
     return f"## {name} ({status}, {seconds:.0f} s)\n\n" + "\n".join(keep[-60:]) + "\n"
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=Path, default=None, help="query/document JSON lines for the contrastive bench")
     parser.add_argument("--quick", action="store_true", help="skip the 16,384-pair contrastive benchmark")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks this script itself")
+    parser.add_argument("--parts", default="tests,bench_model,bench_contrastive", help="comma-separated parts to run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     summary = ["# gpu-check", "", "```", environment(), "```", ""]
@@ -86,12 +88,15 @@ def main() -> None:
     pair_args = ["--batch", "32", "--chunk", "8", "--max-length", "64", "--iters", "1", "--warmup", "0"] \
         if args.smoke else ["--iters", "1", "--warmup", "1"]  # fmt: skip
     # time limits sized so the three parts fit one 10-minute command on one GPU
-    summary.append(part("tests", [python, "-m", "pytest", "-q", "-rA", "-s", "-p", "no:cacheprovider",
-                                  "tests/test_gpu.py"], 170, args.out))  # fmt: skip
-    summary.append(part("bench_model", [python, "benchmarks/bench_model.py", *small, *model_args], 240, args.out))
-    if not args.quick and args.pairs:
+    parts = set(args.parts.split(","))
+    if "tests" in parts:
+        summary.append(part("tests", [python, "-m", "pytest", "-q", "-rA", "-s", "-p", "no:cacheprovider",
+                                      "tests/test_gpu.py"], 170, args.out))  # fmt: skip
+    if "bench_model" in parts:
+        summary.append(part("bench_model", [python, "benchmarks/bench_model.py", *small, *model_args], 240, args.out))
+    if "bench_contrastive" in parts and not args.quick and args.pairs:
         command = [python, "benchmarks/bench_contrastive.py", "--pairs", str(args.pairs), *small, *pair_args]
-        summary.append(part("bench_contrastive", command, 150, args.out))
+        summary.append(part("bench_contrastive", command, 240, args.out))
     (args.out / "summary.md").write_text("\n".join(summary))
     print("\n".join(summary))
 

@@ -327,8 +327,10 @@ def write_sentence_transformers_config(folder: Path, hidden: int, pooling: str =
         (folder / "2_LayerNorm").mkdir(exist_ok=True)
         LayerNorm(hidden).save(str(folder / "2_LayerNorm"))  # eps 1e-5, weight 1, bias 0: v1.5's weightless LN
         modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"})
-    if normalize:
-        modules.append({"idx": len(modules), "name": str(len(modules)), "path": "",
+    if normalize:  # its own (empty) folder: at the root it would read the model's config.json as its own
+        path = f"{len(modules)}_Normalize"
+        (folder / path).mkdir(exist_ok=True)
+        modules.append({"idx": len(modules), "name": str(len(modules)), "path": path,
                         "type": "sentence_transformers.models.Normalize"})  # fmt: skip
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "sentence_bert_config.json").write_text(

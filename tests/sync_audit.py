@@ -101,7 +101,7 @@ class SyncAudit:
         shown = warnings.showwarning
 
         def show(message, category, *args, **kwargs):
-            if "synchronizing" in str(message).lower():
+            if "synchronizing cuda operation" in str(message).lower():  # not the "prototype feature" notice
                 self._record(str(message))
             else:
                 shown(message, category, *args, **kwargs)
