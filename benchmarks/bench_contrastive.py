@@ -20,12 +20,15 @@ import argparse
 import datetime
 import itertools
 import json
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the packages are one folder up
+
+from benchmarks.bench_model import timed
 from nomicbert.checkpoint import export_all
 from nomicbert.config import NomicBertConfig, tiny
 from nomicbert.losses import ContrastiveLoss, GradCache
@@ -40,17 +43,14 @@ def read_pairs(path: Path, batch: int) -> tuple[list[str], list[str]]:
     return [f"search_query: {r['query']}" for r in rows], [f"search_document: {r['document']}" for r in rows]
 
 
-def timed_steps(step, device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        step()
+def measure(short: str, impl: str, step, device: torch.device, args) -> tuple[str, float, float]:
+    """(impl, seconds per step, peak GiB); printed at once, so a later failure does not lose it."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(step, device, args.warmup, args.iters)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    print(f"{short}: {seconds:.2f} s / step, {args.batch / seconds:,.0f} pairs/s", flush=True)
+    return impl, seconds, peak
 
 
 def main() -> None:
@@ -93,11 +93,7 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = timed_steps(ours_step, device, args.warmup, args.iters)
-        rows.append(("ours (packed streams + GradCache)", seconds, _peak(device)))
-        print(f"ours: {seconds:.2f} s / step, {args.batch / seconds:,.0f} pairs/s", flush=True)
+        rows.append(measure("ours", "ours (packed streams + GradCache)", ours_step, device, args))
         model.cpu()
 
     if args.only in (None, "peer"):
@@ -119,20 +115,13 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        seconds = timed_steps(peer_step, device, args.warmup, args.iters)
-        rows.append(("sentence-transformers CachedMNRL over transformers NomicBert", seconds, _peak(device)))
-        print(f"peer: {seconds:.2f} s / step, {args.batch / seconds:,.0f} pairs/s", flush=True)
+        rows.append(measure("peer", "sentence-transformers CachedMNRL over transformers NomicBert", peer_step, device,
+                            args))  # fmt: skip
 
     peer_seconds = rows[-1][1]
     print("| impl | s / step | pairs/s | vs peer | peak GiB |\n|---|---|---|---|---|")
     for impl, seconds, peak in rows:
         print(f"| {impl} | {seconds:.2f} | {args.batch / seconds:,.0f} | {peer_seconds / seconds:.2f}x | {peak:.1f} |")
-
-
-def _peak(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 import torch
 from sync_audit import SyncAudit
 from test_fast_path import audited
+from test_model import sharpen
 from train_helpers import stage_config
 
 from nomicbert import NomicBertConfig, NomicBertForPreTraining, NomicBertModel, Segments
@@ -21,15 +22,6 @@ from workflows.session import Session
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)")
 SMALL = NomicBertConfig(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_hidden_layers=2)
-
-
-def sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Scale q/k/v weights up: N(0, 0.02) init gives near-uniform attention, which hides kernel errors."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("Wqkv.weight"):
-                param.mul_(10)
-    return model
 
 
 def runnable(backend: str) -> bool:
