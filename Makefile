@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel lying on this machine's disk; elsewhere pip takes the CUDA build that fits.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo clean mlflow-ui gpu-check
+.PHONY: venv test demo clean mlflow-ui gpu-check image
 
 venv: $(VENV)/.installed
 
@@ -38,3 +38,10 @@ GPU_PYTHON ?= python3
 GPU_PAIRS ?= ../shared/data/pairs/stackexchange_pairs.jsonl
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py --out gpu-check --pairs $(GPU_PAIRS)
+
+# The cluster image (Dockerfile): what cluster.yaml and deploy/kuberay.yaml run. Push it where your nodes can pull
+# from: `make image IMAGE=<registry>/nomic-embed-ray:<tag>` and name the same image in both files.
+IMAGE ?= ghcr.io/nomic-embed-ray/nomic-embed-ray:0.1.0-ray2.60.0-cu128
+image:
+	docker build -t $(IMAGE) .
+	docker push $(IMAGE)
