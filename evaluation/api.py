@@ -14,7 +14,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +76,18 @@ def variant_prefix(variant: Variant) -> str:
 
 
 def _named(spec: str) -> tuple[str | None, Path]:
-    """``NAME=PATH`` or ``PATH``."""
-    name, sep, path = spec.rpartition("=")
-    return (name or None, Path(path)) if sep else (None, Path(spec))
+    """``NAME=PATH`` or ``PATH``; a URI (``s3://``, ``gs://``) is copied to the local cache first."""
+    from ops.io import local_copy
+
+    name, sep, path = spec.rpartition("=") if "=" in spec else (None, "", spec)
+    return name or None, Path(local_copy(path))
+
+
+def local_model(source: str) -> str:
+    """A model under an ``s3://`` / ``gs://`` URI (a pipeline's storage root) -> its local copy; else as given."""
+    from ops.io import local_copy
+
+    return local_copy(source)
 
 
 def data_revision(path: Path) -> str:
@@ -178,7 +187,9 @@ def run(config: EvalConfig) -> dict[str, float]:
     """
     started = time.monotonic()
     parse_dims(config.dims, hidden_size=1 << 30)  # a typo in --dims fails before any model is loaded
-    params: dict[str, Any] = {"model": config.model, "dims": ",".join(config.dims) or "full",
+    source = config.model
+    config = replace(config, model=local_model(config.model))
+    params: dict[str, Any] = {"model": source, "dims": ",".join(config.dims) or "full",
                               "limit": config.limit, "loco_lengths": ",".join(map(str, config.loco_lengths)),
                               "rotary_scaling_factor": config.rotary_scaling_factor}  # fmt: skip
     metrics: dict[str, float] = {}
@@ -196,7 +207,7 @@ def run(config: EvalConfig) -> dict[str, float]:
     if config.loco:
         from evaluation.loco import evaluate_loco, load_long_task
 
-        local = [item for item in config.loco if not item.startswith("mteb:")]
+        local = [str(_named(item)[1]) for item in config.loco if not item.startswith("mteb:")]
         tasks = [load_long_task(path, config.limit) for path in local]
         for path, task in zip(local, tasks, strict=True):
             params[f"data/loco/{task.name}"] = f"{path} @ {data_revision(Path(path))}"
@@ -219,6 +230,6 @@ def run(config: EvalConfig) -> dict[str, float]:
     if config.log_to_mlflow:
         from evaluation.report import log_results, mlflow_run
 
-        with mlflow_run(config.experiment, config.run_name or default_run_name(config.model), config.run_id):
+        with mlflow_run(config.experiment, config.run_name or default_run_name(source), config.run_id):
             log_results(metrics, params, full_dim)
     return metrics

@@ -138,7 +138,9 @@ def local_folder(data_dir: Path, task: GlueTask) -> Path:
 def load_task(task: GlueTask, data_dir: str | None, max_train: int | None,
               max_eval: int | None) -> tuple[Examples, Examples]:  # fmt: skip
     if data_dir is not None:
-        folder = local_folder(Path(data_dir), task)
+        from ops.io import local_copy
+
+        folder = local_folder(Path(local_copy(data_dir)), task)  # a local folder, or s3:// / gs:// copied
         return read_tsv(folder / "train.tsv", task, max_train), read_tsv(folder / task.dev_file, task, max_eval)
     from datasets import load_dataset
 

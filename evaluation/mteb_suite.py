@@ -113,10 +113,12 @@ def resolve_tasks(specs: Sequence[str], limit: int | None = None) -> list[Any]:
     """``NAME`` (an MTEB task or benchmark), ``PATH`` or ``NAME=PATH`` (a BEIR folder or an STS pairs file)."""
     import mteb
 
+    from ops.io import local_copy
+
     tasks = []
     for spec in specs:
         name, _, path_text = spec.rpartition("=") if "=" in spec else (None, "", spec)
-        path = Path(path_text)
+        path = Path(local_copy(path_text))  # s3:// / gs:// folders and files are copied to the local cache
         if path.is_dir():
             tasks.append(local_retrieval_task(path, name or None, limit_queries=limit,
                                               limit_corpus=limit * 20 if limit else None))  # fmt: skip

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import hashlib
 import json
+import os
 import posixpath
+import shutil
 import subprocess
+import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,6 +50,56 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
 
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_remote(base) else str(Path(base, *parts))
+
+
+def absolute(path: str) -> str:
+    """A URI as given; a local path made absolute (jobs hand it to processes with another working directory)."""
+    return path if is_remote(path) else str(Path(path.removeprefix("file://")).expanduser().resolve())
+
+
+def cache_root() -> Path:
+    """Where remote folders are copied for libraries that read local files only (model loaders, evaluation sets)."""
+    return Path(os.environ.get("NOMIC_EMBED_CACHE", Path.home() / ".cache" / "nomic-embed-ray"))
+
+
+def local_copy(path: str) -> str:
+    """A local path for ``path``: itself when local; for a remote file or folder, a copy in `cache_root`, kept
+    while the remote listing (names, sizes, modification times) is unchanged, so every process on a node
+    downloads a checkpoint once and a rewritten one is fetched again."""
+    if not is_remote(path):
+        return path
+    fs, remote = resolve(path)
+    info = fs.get_file_info(remote)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{path} does not exist")
+    listing = [info] if info.type == pafs.FileType.File else \
+        sorted(fs.get_file_info(pafs.FileSelector(remote, recursive=True)), key=lambda i: i.path)  # fmt: skip
+    signature = hashlib.sha256(json.dumps([path] + [[i.path, i.size, str(i.mtime)] for i in listing]).encode())
+    target = cache_root() / signature.hexdigest()[:24] / posixpath.basename(remote.rstrip("/"))
+    if (target.parent / ".complete").is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        pafs.copy_files(remote, str(staging / target.name), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem(), use_threads=True)  # a file or a whole folder
+        if not target.exists():  # another process of this node may have finished the same copy first
+            os.replace(staging / target.name, target)
+        (target.parent / ".complete").touch()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def upload_folder(local: str | Path, path: str) -> str:
+    """Replace the folder ``path`` (local or remote) by the contents of the local folder ``local``."""
+    fs, dest = resolve(path)
+    if fs.get_file_info(dest).type == pafs.FileType.Directory:
+        fs.delete_dir_contents(dest)
+    fs.create_dir(dest, recursive=True)
+    pafs.copy_files(str(local), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs,
+                    use_threads=True)  # fmt: skip
+    return path
 
 
 def list_files(pattern: str, suffixes: tuple[str, ...] = ()) -> list[str]:

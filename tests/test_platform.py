@@ -29,7 +29,7 @@ def pipeline_config(tmp_path: Path, shared: Path, evaluate_overrides: list[str])
                                         "limit": 20, "experiment": "platform-test"}))  # fmt: skip
     raw = {
         "name": "platform-test",
-        "output_dir": str(tmp_path / "out"),
+        "storage": str(tmp_path / "out"),
         "experiment": "platform-test",
         "stages": {
             "mlm_data": {"config": str(ROOT / "workflows/configs/mlm_data.yaml"),

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from workflows.settings import RunSettings
 log = logging.getLogger("workflows.train")
 
 
-def maybe_inject_fault(run: RunSettings, session: Session, step: int, marker_dir: Path) -> None:
-    """Chaos test (``run.fault_step``): SIGKILL rank 0's process once, to prove that resume works."""
+def maybe_inject_fault(run: RunSettings, session: Session, step: int, output_dir: str) -> None:
+    """Chaos test (``run.fault_step``): SIGKILL rank 0's process once, to prove that resume works. The "done" marker
+    lies beside the stage's output folder, or in the temp dir when that is remote."""
     if not run.fault_step or step != run.fault_step or session.rank != 0:
         return
+    marker_dir = Path(tempfile.gettempdir()) if "://" in output_dir else Path(output_dir).parent
     marker = marker_dir / f"fault-{run.name}-done"
     if marker.exists():
         return

@@ -100,10 +100,13 @@ class PackedEncoder(nn.Module):
 def build_model(cfg: ContrastiveConfig) -> NomicBertModel:
     from nomicbert.checkpoint import load_model
 
-    if not Path(cfg.init_checkpoint).is_dir():
+    from ops.io import local_copy
+
+    folder = local_copy(cfg.init_checkpoint)  # a checkpoint under an s3:// storage root: copied once per node
+    if not Path(folder).is_dir():
         raise ValueError(f"init_checkpoint {cfg.init_checkpoint} is not a checkpoint folder")
     recipe = "v1.5" if cfg.matryoshka_dims else "v1"
-    model = load_model(cfg.init_checkpoint, kind="encoder", rotary_scaling_factor=None, embedding_recipe=recipe)
+    model = load_model(folder, kind="encoder", rotary_scaling_factor=None, embedding_recipe=recipe)
     model.attn_backend = cfg.attn_backend
     if cfg.matryoshka_dims:
         check_dims(cfg.matryoshka_dims, cfg.matryoshka_weights, model.config.hidden_size)
@@ -112,9 +115,10 @@ def build_model(cfg: ContrastiveConfig) -> NomicBertModel:
 
 def load_tokenizer_for(folder: str):
     from nomicbert.tokenizer import load_tokenizer
+    from ops.io import local_copy
 
     try:
-        return load_tokenizer(folder)
+        return load_tokenizer(local_copy(folder))
     except FileNotFoundError:  # a checkpoint without tokenizer files: the default bert-base-uncased
         return load_tokenizer()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from evaluation import EvalConfig, GlueConfig
 from evaluation import run as evaluate
 from evaluation.report import format_table
+from ops import io
 from ops.config import cli
 
 log = logging.getLogger("workflows.evaluate")
@@ -75,10 +76,9 @@ def run(config: EvaluateConfig) -> dict[str, dict[str, float]]:
         job = EvalConfig(model=config.glue_model, glue=config.glue, experiment=config.experiment, run_name="glue")
         results["glue"] = _scored(job, "glue", parent)
     table = format_table({}, results)
-    if config.output:
-        Path(config.output).mkdir(parents=True, exist_ok=True)
-        (Path(config.output) / "evaluation_table.md").write_text(table + "\n")
-        (Path(config.output) / "results.json").write_text(json.dumps(results, indent=2))
+    if config.output:  # a local folder or a URI under the pipeline's storage root
+        io.write_text(io.join(config.output, "evaluation_table.md"), table + "\n")
+        io.write_text(io.join(config.output, "results.json"), json.dumps(results, indent=2))
     if parent is not None:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "evaluation_table.md").write_text(table + "\n")

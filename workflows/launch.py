@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -61,12 +62,15 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
     from ray.train.torch import TorchTrainer
 
     from ops.config import to_dict
+    from ops.io import is_remote, resolve, upload_folder
 
     config = absolute_paths(config)
     run = config.run
     world = max(1, run.num_workers)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {}), **run.worker_resources}
     log.info("[%s] %s, %d worker(s)", stage, schedule.describe(), world)
+    # checkpoints and run state under the storage root, through the same pyarrow filesystem as every other output
+    storage_filesystem, storage_path = resolve(run.storage_path)
     feeder_name = f"feeder-{run.name}-{uuid.uuid4().hex[:8]}"
     feeder = ingest.start_feeder(epochs, world, schedule.epochs, feeder_name, run.data_resources)
     try:
@@ -83,7 +87,8 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
                                                        resources_per_worker=resources),  # fmt: skip
                 run_config=ray.train.RunConfig(
                     name=run.name,
-                    storage_path=str(Path(run.storage_path).resolve()) if "://" not in run.storage_path else run.storage_path,
+                    storage_path=storage_path,
+                    storage_filesystem=storage_filesystem,
                     failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
                     worker_runtime_env={"env_vars": client_env()},  # rank 0 logs with the driver's MLflow login
@@ -94,11 +99,15 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
                 raise result.error
             if isinstance(result.return_value, dict) and NOT_RETRIED in result.return_value:
                 raise NonFiniteStepsError(f"[{stage}] {result.return_value[NOT_RETRIED]}")
-            with result.checkpoint.as_directory() as folder:
-                model_dir = export_final(Path(folder), config.output_dir, kind)
+            with result.checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as scratch:
+                remote = is_remote(config.output_dir)  # exported here, then uploaded to the storage root
+                model_dir = export_final(Path(folder), str(Path(scratch) / "model") if remote else config.output_dir,
+                                         kind)  # fmt: skip
                 progress = json.loads((Path(folder) / STATE_DIR / PROGRESS_FILE).read_text())
-            mlflow.log_artifacts(str(model_dir), "model")
-            return {"stage": stage, "model": str(model_dir), "checkpoint": result.checkpoint.path,
+                mlflow.log_artifacts(str(model_dir), "model")
+                if remote:
+                    upload_folder(model_dir, config.output_dir)
+            return {"stage": stage, "model": config.output_dir, "checkpoint": result.checkpoint.path,
                     "steps": progress["step"], "metrics": dict(result.metrics or {}), "mlflow_run_id": mlrun["run_id"]}
     finally:
         ray.kill(feeder)

@@ -59,7 +59,7 @@ def train_steps(stage: str, cfg: Any, model: nn.Module, net: nn.Module, tokenize
             continue
         if step >= total_steps:
             break
-        maybe_inject_fault(cfg.run, session, step + 1, Path(cfg.output_dir).parent)
+        maybe_inject_fault(cfg.run, session, step + 1, cfg.output_dir)
         out = forward_backward(batch, index)
         step_metrics = optimizer_step(out.loss)
         step, consumed = step + 1, index + 1

@@ -73,11 +73,12 @@ class PackedMLM(nn.Module):
 def build_model(cfg: MLMConfig) -> NomicBertForPreTraining:
     from nomicbert.checkpoint import load_model
     from nomicbert.config import PRESETS, preset
+    from ops.io import is_remote, local_copy
 
     if cfg.model in PRESETS:
         model = NomicBertForPreTraining(preset(cfg.model).replace(**cfg.model_overrides), attn_backend=cfg.attn_backend)
-    elif Path(cfg.model).is_dir():
-        model = load_model(cfg.model, kind="mlm", **cfg.model_overrides)
+    elif is_remote(cfg.model) or Path(cfg.model).is_dir():
+        model = load_model(local_copy(cfg.model), kind="mlm", **cfg.model_overrides)
         model.bert.attn_backend = cfg.attn_backend
     else:
         raise ValueError(f"model {cfg.model!r} is neither a preset ({sorted(PRESETS)}) nor a checkpoint folder")

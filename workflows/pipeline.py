@@ -4,8 +4,10 @@
     ray job submit --working-dir . -- python -m workflows.pipeline --config workflows/configs/pipeline_8gpu.yaml
 
 mlm_data -> mlm -> pair_data -> contrastive -> mine_negatives -> finetune, matryoshka -> evaluate. Every stage
-reads its own YAML (``stages.<name>.config`` + ``overrides``); the pipeline only wires folders: each stage writes
-``<output_dir>/<stage>`` and the next one reads it. A stage whose fingerprint (its config + the fingerprints of
+reads its own YAML (``stages.<name>.config`` + ``overrides``); the pipeline only wires folders under one
+``storage`` root (a local folder, a shared mount, or ``s3://`` / ``gs://``, all through pyarrow filesystems): each
+stage writes ``<storage>/<stage>``, Ray Train keeps checkpoints in ``<storage>/ray_results``, and the pipeline its
+state in ``<storage>/pipeline_state.json``. A stage whose fingerprint (its config + the fingerprints of
 the stages it reads) matches its last finished run is skipped on restart; change a config and that stage and
 everything downstream runs again. A failing stage stops the job, names itself and keeps earlier outputs.
 """
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ops import io
 from ops.config import ConfigError, apply_overrides, cli, fingerprint, flatten, from_dict, read_yaml
 
 log = logging.getLogger("workflows.pipeline")
@@ -41,7 +44,7 @@ class StageRef:
 
 @dataclass
 class RayConfig:
-    address: str | None = None  # None: RAY_ADDRESS (set by `ray job submit`) or a local Ray started by the job
+    address: str | None = None  # None: RAY_ADDRESS (set by `ray job submit`) or a local Ray; "local": always a new one
     num_cpus: int | None = None  # local Ray only
     object_store_mb: int | None = 512  # local Ray only
 
@@ -49,7 +52,7 @@ class RayConfig:
 @dataclass
 class PipelineConfig:
     name: str
-    output_dir: str
+    storage: str  # the root of every output: a local folder, a mount every node sees, or s3:// / gs://
     experiment: str
     stages: dict[str, StageRef]
     ray: RayConfig = field(default_factory=RayConfig)
@@ -63,12 +66,12 @@ class Stage:
     module: str  # has ``run(config) -> dict`` and a config dataclass
     config_class: str
     reads: tuple[str, ...]  # upstream stages whose outputs this one consumes
-    wire: Callable[[dict[str, Any], Path, dict[str, dict[str, Any]]], dict[str, Any]]
+    wire: Callable[[dict[str, Any], str, dict[str, dict[str, Any]]], dict[str, Any]]
 
 
 def _output(name: str) -> Callable:
-    def wire(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return {**raw, "output": str(out / name)}
+    def wire(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {**raw, "output": io.join(out, name)}
 
     return wire
 
@@ -77,23 +80,23 @@ def _wire_trainer(name: str, data_stage: str, init_stage: str | None) -> Callabl
     """Input data and init checkpoint from upstream; Ray Train state under the pipeline's folder with a stable
     run name, so a restarted pipeline resumes a half-finished trainer from its last checkpoint."""
 
-    def wire(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        raw = {**raw, "data": done[data_stage]["output"], "output_dir": str(out / name / "model")}
+    def wire(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        raw = {**raw, "data": done[data_stage]["output"], "output_dir": io.join(out, name, "model")}
         if init_stage is not None:
             raw["init_checkpoint"] = done[init_stage]["model"]
-        raw["run"] = {**raw.get("run", {}), "storage_path": str((out / "ray_results").resolve()), "name": name}
+        raw["run"] = {**raw.get("run", {}), "storage_path": io.join(out, "ray_results"), "name": name}
         return raw
 
     return wire
 
 
-def _wire_mining(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {**raw, "output": str(out / "mine_negatives")}
+def _wire_mining(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {**raw, "output": io.join(out, "mine_negatives")}
 
 
-def _wire_evaluate(raw: dict[str, Any], out: Path, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _wire_evaluate(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     models = {name: done[name]["model"] for name in ("contrastive", "finetune", "matryoshka") if name in done}
-    raw = {**raw, "models": {**models, **raw.get("models", {})}, "output": str(out / "evaluate")}
+    raw = {**raw, "models": {**models, **raw.get("models", {})}, "output": io.join(out, "evaluate")}
     if "mlm" in done and raw.get("glue", {}).get("tasks"):
         raw["glue_model"] = done["mlm"]["model"]
     if "matryoshka" in done and raw.get("dims"):
@@ -138,7 +141,7 @@ def validate(config: PipelineConfig) -> None:
             raise ConfigError(f"pipeline: stage {stage.name} reads {missing}, which are not enabled")
 
 
-def stage_config(stage: Stage, ref: StageRef, out: Path, done: dict[str, dict[str, Any]]) -> Any:
+def stage_config(stage: Stage, ref: StageRef, out: str, done: dict[str, dict[str, Any]]) -> Any:
     """Read the stage YAML, apply the user's overrides, wire the folders, then validate against its class."""
     module = importlib.import_module(stage.module)
     raw = apply_overrides(read_yaml(ref.config), ref.overrides)
@@ -146,15 +149,19 @@ def stage_config(stage: Stage, ref: StageRef, out: Path, done: dict[str, dict[st
     return from_dict(getattr(module, stage.config_class), raw, where=f"{ref.config} (stage {stage.name})")
 
 
-def load_state(out: Path) -> dict[str, Any]:
-    file = out / STATE_FILE
-    return json.loads(file.read_text()) if file.is_file() else {"stages": {}}
+def load_state(out: str) -> dict[str, Any]:
+    file = io.join(out, STATE_FILE)
+    return json.loads(io.read_text(file)) if io.exists(file) else {"stages": {}}
 
 
-def save_state(out: Path, state: dict[str, Any]) -> None:
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    os.replace(tmp, out / STATE_FILE)  # atomic: a crash never leaves half a state file
+def save_state(out: str, state: dict[str, Any]) -> None:
+    text = json.dumps(state, indent=2, default=str)
+    if io.is_remote(out):
+        io.write_text(io.join(out, STATE_FILE), text)  # one object PUT: readers see the old or the new state
+        return
+    tmp = Path(out) / (STATE_FILE + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, Path(out) / STATE_FILE)  # atomic: a crash never leaves half a state file
 
 
 def start_ray(config: RayConfig) -> None:
@@ -163,11 +170,11 @@ def start_ray(config: RayConfig) -> None:
     if ray.is_initialized():
         return
     address = config.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address)
-    else:
+    else:  # "local": a new Ray of this job even when another one runs on the machine
         store = config.object_store_mb * 2**20 if config.object_store_mb else None
-        ray.init(num_cpus=config.num_cpus, object_store_memory=store, include_dashboard=False,
+        ray.init(address=address, num_cpus=config.num_cpus, object_store_memory=store, include_dashboard=False,
                  logging_level="WARNING")  # fmt: skip
 
 
@@ -185,8 +192,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     import mlflow
 
     validate(config)
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = io.absolute(config.storage)
+    fs, root = io.resolve(out)
+    fs.create_dir(root, recursive=True)
     state = load_state(out)
     experiment = tracking_setup(config.experiment)
     start_ray(config.ray)
@@ -198,7 +206,7 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     done: dict[str, dict[str, Any]] = {}
     fingerprints: dict[str, str] = {}
     with mlflow.start_run(run_id=parent_id):
-        mlflow.set_tags({"pipeline": config.name, "output_dir": str(out.resolve())})
+        mlflow.set_tags({"pipeline": config.name, "storage": out})
         if not state.get("params_logged"):
             mlflow.log_params({f"pipeline.{k}": str(v)[:500] for k, v in flatten(config).items()})
             state["params_logged"] = True
@@ -218,14 +226,14 @@ def run(config: PipelineConfig) -> dict[str, Any]:
                 done[stage.name] = previous["result"]
                 continue
             done[stage.name] = run_stage(stage, stage_cfg, fingerprints[stage.name], previous, state, out)
-        summary_path = out / "summary.json"
-        summary_path.write_text(json.dumps(done, indent=2, default=str))
-        mlflow.log_artifact(str(summary_path))
+        summary = json.loads(json.dumps(done, default=str))
+        io.write_text(io.join(out, "summary.json"), json.dumps(summary, indent=2))
+        mlflow.log_dict(summary, "summary.json")
     return done
 
 
 def run_stage(stage: Stage, stage_cfg: Any, stage_fingerprint: str, previous: dict[str, Any],
-              state: dict[str, Any], out: Path) -> dict[str, Any]:  # fmt: skip
+              state: dict[str, Any], out: str) -> dict[str, Any]:  # fmt: skip
     """One child run named after the stage; the stage's own run function does the work."""
     import mlflow
 
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         done = run(config)
     except StageFailed as err:
-        print(f"[pipeline] stopped: {err}. Earlier stages' outputs are kept in {config.output_dir}; "
+        print(f"[pipeline] stopped: {err}. Earlier stages' outputs are kept in {config.storage}; "
               f"fix the cause and run the same command again to resume.", file=sys.stderr)  # fmt: skip
         raise SystemExit(1) from None
     print_where_to_look(config, done)
@@ -280,10 +288,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_where_to_look(config: PipelineConfig, done: dict[str, Any]) -> None:
     uri = os.environ["MLFLOW_TRACKING_URI"]
-    table = Path(config.output_dir) / "evaluate" / "evaluation_table.md"
-    if table.is_file():
-        print(table.read_text())
-    print(f"\nDone: {', '.join(done)}. Outputs in {config.output_dir}.")
+    table = io.join(io.absolute(config.storage), "evaluate", "evaluation_table.md")
+    if io.exists(table):
+        print(io.read_text(table))
+    print(f"\nDone: {', '.join(done)}. Outputs in {config.storage}.")
     print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000   then open http://127.0.0.1:5000 "
           f"(experiment '{config.experiment}', parent run '{config.name}')")  # fmt: skip
     print(f"Side-by-side table: python -m evaluation.compare --experiment {config.experiment} --filter beir/")
