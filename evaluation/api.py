@@ -1,10 +1,11 @@
 """`EvalConfig` and `run`: score one model on every requested suite and log each number to MLflow.
 
 Metric names (all scores in 0..1):
-  ``mteb/<Task>/<metric>`` (+ ``mteb/<Task>/main_score``, ``mteb_avg``), ``beir/<name>/{ndcg_at_10,recall_at_100,
-  mrr_at_10}``, ``sts/<name>/{spearman,pearson}``, ``glue/<task>/<metric>`` + ``glue/avg``,
-  ``loco/<name>/<metric>/<length>``, ``jina/<Task>/main_score/<length>``, and per Matryoshka dim or binary
-  ``mrl/<dim|binary>/<headline name>`` with ``mrl/<dim|binary>/mteb_avg`` and ``mrl/<dim|binary>/avg``.
+  ``mteb/<Task>/<metric>`` (+ ``mteb/<Task>/main_score``), ``beir/<name>/{ndcg_at_10,recall_at_100,mrr_at_10}``,
+  ``sts/<name>/{spearman,pearson}``, ``glue/<task>/<metric>``, ``loco/<name>/<metric>/<length>``,
+  ``jina/<Task>/main_score/<length>``; averages named for what they average: ``beir/avg_ndcg_at_10``,
+  ``sts/avg_spearman``, ``mteb/avg_main_score``, ``glue/avg_main_metric``; and per Matryoshka dim or binary
+  ``mrl/<dim|binary>/<headline name>``, the averages included (``mrl/64/beir/avg_ndcg_at_10``).
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[
                    "model_kind": "nomic" if encoder.is_nomic else "sentence-transformers",
                    "embedding_dim": encoder.hidden_size})  # fmt: skip
     metrics: dict[str, float] = {}
-    headline: dict[Variant, list[float]] = {v: [] for v in variants}
+    averaged: dict[tuple[Variant, str], list[float]] = {}  # (variant, average's name) -> the scores it averages
     for data in beir:
         if config.ray_min_docs is not None and len(data.corpus) >= config.ray_min_docs:
             import ray
@@ -150,12 +151,12 @@ def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[
         for variant, values in scores.items():
             for metric, value in values.items():
                 metrics[f"{variant_prefix(variant)}beir/{data.name}/{metric}"] = value
-            headline[variant].append(values["ndcg_at_10"])
+            averaged.setdefault((variant, "beir/avg_ndcg_at_10"), []).append(values["ndcg_at_10"])
     for data in sts:
         for variant, values in evaluate_sts(encoder, data, variants).items():
             for metric, value in values.items():
                 metrics[f"{variant_prefix(variant)}sts/{data.name}/{metric}"] = value
-            headline[variant].append(values["spearman"])
+            averaged.setdefault((variant, "sts/avg_spearman"), []).append(values["spearman"])
     if tasks:
         for variant, per_task in evaluate_mteb(encoder, tasks, variants).items():
             prefix = variant_prefix(variant)
@@ -163,12 +164,9 @@ def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[
                 chosen = values if variant == (None, False) else {"main_score": values["main_score"]}
                 for metric, value in chosen.items():
                     metrics[f"{prefix}mteb/{task_name}/{metric}"] = value
-            if per_task:
-                metrics[f"{prefix}mteb_avg"] = statistics.mean(v["main_score"] for v in per_task.values())
-                headline[variant].extend(v["main_score"] for v in per_task.values())
-    for variant, values in headline.items():
-        if values:
-            metrics[f"{variant_prefix(variant)}avg"] = statistics.mean(values)
+                averaged.setdefault((variant, "mteb/avg_main_score"), []).append(values["main_score"])
+    for (variant, name), values in averaged.items():
+        metrics[f"{variant_prefix(variant)}{name}"] = statistics.mean(values)
     return metrics, encoder.hidden_size
 
 

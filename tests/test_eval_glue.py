@@ -47,9 +47,9 @@ def test_mrpc_and_rte_fine_tune_and_log(tiny_mlm, shared_data, mlflow_uri):
 
     glue = small_recipe(tasks=["mrpc", "rte"], data_dir=str(shared_data / "glue"))
     metrics = run(EvalConfig(model=str(tiny_mlm), glue=glue, experiment="glue-test", run_name="tiny-mlm"))
-    assert set(metrics) == {"glue/mrpc/f1", "glue/mrpc/accuracy", "glue/rte/accuracy", "glue/avg"}
+    assert set(metrics) == {"glue/mrpc/f1", "glue/mrpc/accuracy", "glue/rte/accuracy", "glue/avg_main_metric"}
     assert 0.0 <= metrics["glue/rte/accuracy"] <= 1.0
-    assert metrics["glue/avg"] == pytest.approx((metrics["glue/mrpc/f1"] + metrics["glue/rte/accuracy"]) / 2)
+    assert metrics["glue/avg_main_metric"] == pytest.approx((metrics["glue/mrpc/f1"] + metrics["glue/rte/accuracy"]) / 2)
     run_ = mlflow.search_runs(experiment_names=["glue-test"]).iloc[0]
     assert run_["params.glue/mrpc/batch_size"] == "16" and run_["params.glue_recipe/epochs"] == "1"
     assert run_["metrics.glue/mrpc/f1"] == pytest.approx(metrics["glue/mrpc/f1"])
@@ -59,7 +59,7 @@ def test_sweep_as_ray_tune_trials(tiny_mlm, shared_data, ray_session):
     glue = small_recipe(tasks=["stsb"], data_dir=str(shared_data / "glue"), learning_rates=[1e-4, 3e-4], seeds=[0],
                         use_tune=True, trial_cpus=1.0)  # fmt: skip
     metrics, chosen = evaluate_glue(str(tiny_mlm), glue)
-    assert set(metrics) == {"glue/stsb/spearman", "glue/stsb/pearson", "glue/avg"}
+    assert set(metrics) == {"glue/stsb/spearman", "glue/stsb/pearson", "glue/avg_main_metric"}
     assert chosen["glue/stsb/lr"] in (1e-4, 3e-4)
     # the same trial in-process gives the same number (Tune only schedules it)
     same = small_recipe(tasks=["stsb"], data_dir=str(shared_data / "glue"), learning_rates=[chosen["glue/stsb/lr"]],
