@@ -167,10 +167,15 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def cli(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
-    """``--config FILE [key=value ...]`` -> typed config; the shared command line of every job."""
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """``--config FILE [key=value ...]``: the shared command line of every job (a job may add its own flags)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for nested sections)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli(cls: type[T], description: str, argv: Sequence[str] | None = None) -> T:
+    """``--config FILE [key=value ...]`` -> typed config."""
+    args = arg_parser(description).parse_args(argv)
     return load_config(cls, args.config, args.overrides)

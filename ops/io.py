@@ -12,11 +12,13 @@ import datetime as _dt
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -211,9 +213,32 @@ def add_dropped(stats: dict[str, Any], reason: str, per_source: dict[str, int]) 
     return {**stats, "dropped_by_reason": dropped, "dropped_per_source": by_source}
 
 
-def write_parts(ds, output: str) -> None:
-    """Write a Ray dataset into the scratch folder; `finalize` renames and numbers the rows."""
-    ds.write_parquet(join(output, TMP_DIR))
+def write_parts(ds, output: str, name: str, input_files: int) -> None:
+    """Write a Ray dataset into the scratch folder (`finalize` renames and numbers the rows), with a progress line
+    every 30 s: input files read (their readers' statistics are in) of ``input_files``, rows written so far."""
+    from ops.console import Progress
+
+    stop = threading.Event()
+    progress = Progress(name, input_files, "input files read", logging.getLogger("ops"))
+    watcher = threading.Thread(target=_watch_parts, args=(output, progress, stop), daemon=True)
+    watcher.start()
+    try:
+        ds.write_parquet(join(output, TMP_DIR))
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _watch_parts(output: str, progress: Any, stop: threading.Event) -> None:
+    rows: dict[str, int] = {}  # part file -> rows (a written part does not change)
+    while not stop.wait(5.0):
+        fs, parts = resolve(join(output, TMP_DIR))
+        for info in fs.get_file_info(pafs.FileSelector(parts, allow_not_found=True)):
+            if info.path.endswith(".parquet") and info.path not in rows:
+                rows[info.path] = pq.ParquetFile(info.path, filesystem=fs).metadata.num_rows
+        fs, stats = resolve(join(output, STATS_DIR))
+        read = sum(1 for _ in fs.get_file_info(pafs.FileSelector(stats, allow_not_found=True)))
+        progress.update(read, f"{sum(rows.values())} rows written so far")
 
 
 def _number_part(src: str, dst: str, offset: int) -> None:

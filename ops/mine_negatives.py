@@ -64,7 +64,7 @@ def embed_texts(texts: list[str], teacher: TeacherConfig) -> np.ndarray:
     import ray
 
     ds = ray.data.from_arrow(pa.table({"i": np.arange(len(texts)), "text": texts}))
-    out = embed_dataset(ds, ["text"], teacher).select_columns(["i", "text_emb"]).take_all()
+    out = embed_dataset(ds, ["text"], teacher, rows=len(texts)).select_columns(["i", "text_emb"]).take_all()
     out.sort(key=lambda r: r["i"])
     return np.stack([r["text_emb"] for r in out]) if out else np.zeros((0, 0), np.float32)
 
@@ -155,7 +155,7 @@ def run(config: MineNegativesConfig) -> dict:
     io.prepare_output(config.output, config.overwrite)
     table = pa.concat_tables(ray.get(read_pairs(config, plans).to_arrow_refs()), promote_options="default")
     mined = mine(table, config)
-    io.write_parts(ray.data.from_arrow(mined.table), config.output)
+    io.write_parts(ray.data.from_arrow(mined.table), config.output, "mine_negatives", len(plans))
     if mined.quarantined:
         io.write_jsonl(io.join(config.output, io.QUARANTINE_DIR, "too_few_negatives.jsonl"), mined.quarantined)
     rows_out = io.finalize(config.output)

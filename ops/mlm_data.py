@@ -76,7 +76,7 @@ def run(config: MlmDataConfig) -> dict:
     data_context(config.preserve_order)
     io.prepare_output(config.output, config.overwrite)
     ds = read_sources(config.sources, "text", config.output, config.max_doc_chars, config.num_cpus, plans)
-    io.write_parts(tokenize_and_pack(ds, config, config.output), config.output)
+    io.write_parts(tokenize_and_pack(ds, config, config.output), config.output, "mlm_data", len(plans))
     rows_out = io.finalize(config.output)
     stats = io.sum_stats(io.collect_stats(config.output))
     packing = pack_stats(config.output)

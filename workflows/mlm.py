@@ -86,7 +86,8 @@ def build_model(cfg: MLMConfig) -> NomicBertForPreTraining:
 
 
 def _stack(column: np.ndarray) -> np.ndarray:
-    return np.stack(list(column)) if column.dtype == object else np.asarray(column)
+    """A writable [rows, L] array (Ray's batches are read-only, which torch warns about when it wraps them)."""
+    return np.stack(list(column)) if column.dtype == object else np.array(column)
 
 
 def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Session, total_steps: int,

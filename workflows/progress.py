@@ -7,6 +7,8 @@ import time
 
 from torch import nn
 
+from ops.console import SHOW, format_duration
+
 log = logging.getLogger("workflows.train")
 
 
@@ -54,9 +56,9 @@ class Progress:
         self.last, self.tokens = now, 0
         if self.rank == 0:
             per_step = (now - self.start) / max(1, step - self.start_step)
-            eta = time.strftime("%H:%M:%S", time.gmtime(per_step * (self.total - step)))
+            eta = format_duration(per_step * (self.total - step))
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            log.info("[%s] step %d/%d %s eta %s", self.stage, step, self.total, shown, eta)
+            log.info("[%s] step %d/%d %s eta %s", self.stage, step, self.total, shown, eta, extra=SHOW)
             if self.client:
                 from mlflow.entities import Metric
 
