@@ -17,6 +17,7 @@ from nomicbert.embed import Embedder
 from nomicbert.model import NomicBertModel
 from nomicbert.tokenizer import load_tokenizer
 from workflows import contrastive, finetune, matryoshka, mlm
+from workflows.lineage import manifest_hash
 
 OPTIM_FAST = {"optim.lr": 2e-3, "optim.warmup_steps": 2, "optim.warmup_ratio": 0.0}
 
@@ -51,7 +52,11 @@ def test_mlm_loss_and_accuracy_improve(mlm_result):
     run = mlflow.get_run(mlm_result["mlflow_run_id"])
     assert run.info.run_name == "mlm" and run.data.params["optim.betas"] == "(0.9, 0.98)"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
-    assert {"model", "dataset"} <= artifacts
+    assert {"model", "dataset", "loss_curve.png"} <= artifacts
+    # a run started on its own says where it came from too: the data it read and the preset it started from
+    data_dir = run.data.params["data"]
+    assert run.data.tags["lineage.data.mlm-data"] == manifest_hash(data_dir) and run.data.tags["run_kind"] == "stage"
+    assert run.data.tags["lineage.checkpoint"] == "tiny" and run.data.tags["lineage.git_commit"]
     out = mlm_result["model"]
     assert {"model.safetensors", "config.json", "hf", "training_state"} <= set(os.listdir(out))
     assert json.loads(open(os.path.join(out, "training_state", "progress.json")).read())["step"] == 12

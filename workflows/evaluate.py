@@ -2,9 +2,11 @@
 
     python -m workflows.evaluate --config workflows/configs/evaluate.yaml models.v1=outputs/demo/finetune/model
 
-Each model gets its own MLflow run named after it (nested under the active stage run when the pipeline calls
-this), with the same metric names, so the MLflow UI's compare view lines them up; the stage run holds the
-side-by-side table (``evaluation_table.md``). GLUE fine-tunes the masked-LM checkpoint (``glue_model``).
+Each model gets its own MLflow run, ``eval <label>`` (nested under the active stage run when the pipeline calls
+this), with the same metric names, so the MLflow UI's compare view lines them up, and tags saying which checkpoint
+it scores and where that came from (`workflows.lineage`). The stage run holds the side-by-side table
+(``evaluation_table.md`` and an MLflow table) and the score-vs-dimension figure. GLUE fine-tunes the masked-LM
+checkpoint (``glue_model``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import logging
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from evaluation import EvalConfig, GlueConfig
 from evaluation import run as evaluate
-from evaluation.report import format_table
+from evaluation.report import experiment_id, format_table, log_evaluation_table, run_look, write_evaluation_figures
 from ops import io
-from ops.config import cli
+from ops.config import cli, fingerprint
+from ops.console import Progress
+from workflows import lineage
 
 log = logging.getLogger("workflows.evaluate")
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -40,7 +45,8 @@ class EvaluateConfig:
     limit: int | None = None  # first N queries / pairs of each local task (smoke runs)
     max_length: int | None = None
     experiment: str = "evaluation"
-    output: str | None = None  # folder for evaluation_table.md and results.json
+    output: str | None = None  # folder for evaluation_table.md, results.json and score_vs_dim.png
+    lineage: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> lineage tags (the pipeline's)
 
 
 def resolve_model(source: str) -> str:
@@ -62,41 +68,57 @@ def run(config: EvaluateConfig) -> dict[str, dict[str, float]]:
     if not config.models and not config.baselines and not config.glue_model:
         raise ValueError("evaluate: nothing to score (models, baselines and glue_model are all empty)")
     parent = mlflow.active_run()
-    results: dict[str, dict[str, float]] = {}
     base = EvalConfig(model="", beir=config.beir, sts=config.sts, loco=config.loco, loco_lengths=config.loco_lengths,
                       limit=config.limit, max_length=config.max_length, experiment=config.experiment)  # fmt: skip
-    jobs = [(label, resolve_model(source), label in config.models) for label, source in
-            [*config.models.items(), *config.baselines.items()]]  # fmt: skip
-    for label, source, ours in jobs:
+    jobs = []
+    for label, source in [*config.models.items(), *config.baselines.items()]:
+        ours = label in config.models
         sweep = ours and (not config.dims_models or label in config.dims_models)
-        job = replace(base, model=source, dims=config.dims if sweep else [], run_name=label,
-                      loco=config.loco if ours else [])  # fmt: skip
-        results[label] = _scored(job, label, parent)
+        jobs.append((label, replace(base, model=resolve_model(source), dims=config.dims if sweep else [],
+                                    loco=config.loco if ours else [])))  # fmt: skip
     if config.glue_model and config.glue.tasks:
-        job = EvalConfig(model=config.glue_model, glue=config.glue, experiment=config.experiment, run_name="glue")
-        results["glue"] = _scored(job, "glue", parent)
-    table = format_table({}, results)
-    if config.output:  # a local folder or a URI under the pipeline's storage root
-        io.write_text(io.join(config.output, "evaluation_table.md"), table + "\n")
-        io.write_text(io.join(config.output, "results.json"), json.dumps(results, indent=2))
-    if parent is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "evaluation_table.md").write_text(table + "\n")
-            mlflow.log_artifact(str(Path(tmp) / "evaluation_table.md"))
-        for label, metrics in results.items():
-            mlflow.log_metrics({f"{label}/{name}": value for name, value in metrics.items()})
+        jobs.append(("glue", EvalConfig(model=config.glue_model, glue=config.glue, experiment=config.experiment)))
+    progress = Progress("evaluate", len(jobs), "models", log, every_s=0)
+    results: dict[str, dict[str, float]] = {}
+    full_dims: dict[str, int] = {}
+    for done, (label, job) in enumerate(jobs, 1):
+        results[label], full_dims[label] = _scored(job, label, config, parent)
+        progress.update(done, f"scored {label}")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "results.json").write_text(json.dumps(results, indent=2))
+        files = write_evaluation_figures(results, full_dims, Path(tmp))
+        if config.output:  # a local folder or a URI under the pipeline's storage root
+            io.upload_folder(tmp, config.output)
+        if parent is not None:
+            for file in files:
+                mlflow.log_artifact(str(file))
+            log_evaluation_table(results)
+            for label, metrics in results.items():
+                mlflow.log_metrics({f"{label}/{name}": value for name, value in metrics.items()})
     return results
 
 
-def _scored(job: EvalConfig, label: str, parent) -> dict[str, float]:
+def run_name(label: str, job: EvalConfig) -> str:
+    """``eval finetune``; GLUE names the checkpoint it fine-tunes: ``eval glue (mlm)``."""
+    from evaluation.api import default_run_name
+
+    return f"eval glue ({default_run_name(job.model)})" if label == "glue" else f"eval {label}"
+
+
+def _scored(job: EvalConfig, label: str, config: EvaluateConfig, parent: Any) -> tuple[dict[str, float], int]:
+    """One model's run (nested under ``parent`` when there is one): its metrics and its embedding width."""
     import mlflow
 
     log.info("evaluating %s (%s)", label, job.model)
-    if parent is None:
-        return evaluate(job)
-    with mlflow.start_run(run_name=label, nested=True, experiment_id=parent.info.experiment_id):
-        mlflow.set_tag("stage", "evaluate")
-        return evaluate(job)
+    experiment = parent.info.experiment_id if parent is not None else experiment_id(config.experiment)
+    tags = {**lineage.run_tags("evaluation", fingerprint(job)), lineage.CHECKPOINT: job.model,
+            **config.lineage.get(label, {}), **run_look("", evaluation=True), "stage": "evaluate",
+            "model_label": label}  # fmt: skip
+    with mlflow.start_run(run_name=run_name(label, job), nested=parent is not None, experiment_id=experiment,
+                          tags=tags) as scored:  # fmt: skip
+        metrics = evaluate(job)
+        width = mlflow.get_run(scored.info.run_id).data.params.get("embedding_dim", "0")
+    return metrics, int(width)
 
 
 def main() -> None:

@@ -62,6 +62,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from evaluation.report import log_loss_curves
     from ops.config import to_dict
     from ops.io import is_remote, resolve, upload_folder
 
@@ -108,6 +109,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
                                          kind)  # fmt: skip
                 progress = json.loads((Path(folder) / STATE_DIR / PROGRESS_FILE).read_text())
                 mlflow.log_artifacts(str(model_dir), "model")
+                log_loss_curves({stage: mlrun["run_id"]}, "loss_curve.png")
                 if remote:
                     upload_folder(model_dir, config.output_dir)
             return {"stage": stage, "model": config.output_dir, "checkpoint": result.checkpoint.path,

@@ -25,11 +25,14 @@ CLIENT_ENV = (
 
 @contextlib.contextmanager
 def mlflow_run(stage: str, config: Any, settings: MlflowSettings) -> Iterator[dict[str, str]]:
-    """The active run (a pipeline's child run, which has the params already), else a new run named after the
-    stage with the whole config as params, nested under ``parent_run_id`` / $MLFLOW_PARENT_RUN_ID if given."""
+    """The active run (a pipeline's child run, which has the params and the lineage tags already), else a new run
+    named after the stage with the whole config as params and its lineage (`workflows.lineage`: code, config, input
+    data manifest, starting checkpoint), nested under ``parent_run_id`` / $MLFLOW_PARENT_RUN_ID if given."""
     import mlflow
 
-    from ops.config import flatten
+    from ops.config import fingerprint, flatten
+    from ops.io import exists, join
+    from workflows import lineage
 
     uri = tracking_uri()
     active = mlflow.active_run()
@@ -37,7 +40,14 @@ def mlflow_run(stage: str, config: Any, settings: MlflowSettings) -> Iterator[di
         yield {"run_id": active.info.run_id, "tracking_uri": uri}
         return
     parent = settings.parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID")
-    tags = {"stage": stage, **({"mlflow.parentRunId": parent} if parent else {})}
+    inputs: dict[str, str] = {}
+    if exists(join(config.data, "manifest.json")):  # keyed by the data folder's name (the pipeline: its stage's)
+        inputs[lineage.DATA_PREFIX + Path(config.data).name] = lineage.manifest_hash(config.data)
+    start = getattr(config, "init_checkpoint", None) or getattr(config, "model", None)
+    if isinstance(start, str):
+        inputs[lineage.CHECKPOINT] = start
+    tags = {"stage": stage, **lineage.run_tags("stage", fingerprint(config), inputs),
+            **({"mlflow.parentRunId": parent} if parent else {})}  # fmt: skip
     from evaluation.report import experiment_id
 
     experiment = experiment_id(settings.experiment, settings.artifact_location)
