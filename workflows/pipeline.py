@@ -1,6 +1,6 @@
 """The main job: the whole Nomic Embed chain, resumable stage by stage, under one MLflow parent run.
 
-    python -m workflows.pipeline --config workflows/configs/demo.yaml            # make demo: local Ray + sqlite
+    python -m workflows.pipeline --config workflows/configs/demo.yaml [--verbose]  # make demo: local Ray + sqlite
     ray job submit --working-dir . -- python -m workflows.pipeline --config workflows/configs/pipeline_8gpu.yaml
 
 mlm_data -> mlm -> pair_data -> contrastive -> mine_negatives -> finetune, matryoshka -> evaluate. Every stage
@@ -9,7 +9,10 @@ reads its own YAML (``stages.<name>.config`` + ``overrides``); the pipeline only
 stage writes ``<storage>/<stage>``, Ray Train keeps checkpoints in ``<storage>/ray_results``, and the pipeline its
 state in ``<storage>/pipeline_state.json``. A stage whose fingerprint (its config + the fingerprints of
 the stages it reads) matches its last finished run is skipped on restart; change a config and that stage and
-everything downstream runs again. A failing stage stops the job, names itself and keeps earlier outputs.
+everything downstream runs again. A failing stage stops the job, prints its error in full, names itself and keeps
+earlier outputs. The console shows stage, progress and warning lines (`ops.console`); everything else goes to
+``<storage>/logs/`` and Ray's session logs (``--verbose`` shows it all). In MLflow the experiment opens on its
+runs (model-training view), and every run carries ``run_kind`` and ``lineage.*`` tags (`workflows.lineage`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import importlib
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -28,11 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops import io
-from ops.config import ConfigError, apply_overrides, cli, fingerprint, flatten, from_dict, read_yaml
+from evaluation.report import experiment_id, log_evaluation_table, log_loss_curves, run_look, ui_path
+from ops import console, io
+from ops.config import (ConfigError, apply_overrides, arg_parser, fingerprint, flatten, from_dict, load_config,
+                        read_yaml)
+from ops.console import SHOW, format_duration
+from workflows import lineage
 
 log = logging.getLogger("workflows.pipeline")
 STATE_FILE = "pipeline_state.json"
+LOGS_DIR = "logs"
+PARENT_NOTE = ("The whole pipeline: one nested run per stage (data sets in grey, trainers in blue, the evaluate stage "
+               "in green with one `eval <model>` run per scored model). Artifacts: `loss_curves.png` (every "
+               "trainer), `evaluation_table.md`/`evaluation_table.json` and `score_vs_dim.png`. Tags `lineage.*` say "
+               "where each run came from.")  # fmt: skip
 
 
 @dataclass
@@ -101,7 +112,16 @@ def _wire_evaluate(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]
         raw["glue_model"] = done["mlm"]["model"]
     if "matryoshka" in done and raw.get("dims"):
         raw.setdefault("dims_models", ["matryoshka"])
+    # each scored checkpoint this pipeline trained gets the lineage of the stage that trained it
+    trained = trained_models(done)
+    scored = {**raw["models"], **({"glue": raw["glue_model"]} if raw.get("glue_model") else {})}
+    raw["lineage"] = {label: trained[str(path)] for label, path in scored.items() if str(path) in trained}
     return raw
+
+
+def trained_models(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """{model folder: the lineage its trainer handed downstream} for the trainers finished so far."""
+    return {str(result["model"]): result["lineage"] for result in done.values() if "model" in result}
 
 
 STAGES = (
@@ -165,30 +185,43 @@ def save_state(out: str, state: dict[str, Any]) -> None:
 
 
 def start_ray(config: RayConfig) -> None:
+    """Attach to ``address`` / RAY_ADDRESS or start a local Ray. Either way every Ray worker process first runs
+    `ops.console.setup_ray_worker` (known-harmless messages dropped, routine lines kept to Ray's log files)."""
     import ray
 
     if ray.is_initialized():
         return
+    runtime_env = {"worker_process_setup_hook": "ops.console.setup_ray_worker",
+                   "env_vars": console.process_env(console.verbose())}  # fmt: skip
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address)
+        context = ray.init(address=address, runtime_env=runtime_env, logging_level=logging.INFO)
     else:  # "local": a new Ray of this job even when another one runs on the machine
         store = config.object_store_mb * 2**20 if config.object_store_mb else None
-        ray.init(address=address, num_cpus=config.num_cpus, object_store_memory=store, include_dashboard=False,
-                 logging_level="WARNING")  # fmt: skip
+        # one machine has nothing to preempt, and starting Ray Train's preemption watcher prints a C++ error line
+        # about restartable actors (ray-project/ray#53727) that no logger can filter
+        runtime_env["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+        context = ray.init(address=address, num_cpus=config.num_cpus, object_store_memory=store,
+                           include_dashboard=False, logging_level=logging.INFO, runtime_env=runtime_env)  # fmt: skip
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    where = address if address and address != "local" else "local"
+    log.info("[pipeline] Ray: %s, %d CPUs; Ray's own logs: %s", where, cpus,
+             Path(context.address_info["session_dir"]) / "logs", extra=SHOW)  # fmt: skip
 
 
 def tracking_setup(experiment: str) -> str:
     """The tracking URI (``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``) and the experiment id."""
-    from evaluation.report import experiment_id
-
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
     os.environ["MLFLOW_TRACKING_URI"] = uri  # trainers' workers inherit it; mlflow's global would outlive this call
     return experiment_id(experiment)
 
 
+def enabled_stages(config: PipelineConfig) -> list[Stage]:
+    return [s for s in STAGES if s.name in config.stages and config.stages[s.name].enabled]
+
+
 def run(config: PipelineConfig) -> dict[str, Any]:
-    """Run (or resume) every enabled stage; return {stage: its result summary}."""
+    """Run (or resume) every enabled stage; return {stage: its result summary and ``lineage`` tags}."""
     import mlflow
 
     validate(config)
@@ -198,6 +231,9 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     state = load_state(out)
     experiment = tracking_setup(config.experiment)
     start_ray(config.ray)
+    stages = enabled_stages(config)
+    log.info("[pipeline] %s: %d stages (%s), outputs in %s", config.name, len(stages),
+             ", ".join(s.name for s in stages), out, extra=SHOW)  # fmt: skip
     parent_id = state.get("parent_run_id")
     if parent_id is None or mlflow.get_run(parent_id).info.experiment_id != experiment:
         parent_id = mlflow.start_run(experiment_id=experiment, run_name=config.name).info.run_id
@@ -206,43 +242,53 @@ def run(config: PipelineConfig) -> dict[str, Any]:
     done: dict[str, dict[str, Any]] = {}
     fingerprints: dict[str, str] = {}
     with mlflow.start_run(run_id=parent_id):
-        mlflow.set_tags({"pipeline": config.name, "storage": out})
+        mlflow.set_tags({"pipeline": config.name, "storage": out, "mlflow.note.content": PARENT_NOTE,
+                         **run_look("pipeline"), **lineage.run_tags("pipeline", fingerprint(config))})  # fmt: skip
         if not state.get("params_logged"):
             mlflow.log_params({f"pipeline.{k}": str(v)[:500] for k, v in flatten(config).items()})
             state["params_logged"] = True
-        for stage in STAGES:
-            ref = config.stages.get(stage.name)
-            if ref is None or not ref.enabled:
-                continue
-            stage_cfg = stage_config(stage, ref, out, done)
+        for number, stage in enumerate(stages, 1):
+            stage_cfg = stage_config(stage, config.stages[stage.name], out, done)
             fingerprints[stage.name] = fingerprint({"config": dataclasses.asdict(stage_cfg),
                                                     "upstream": {r: fingerprints.get(r) for r in stage.reads}})  # fmt: skip
             if hasattr(stage_cfg, "run") and hasattr(stage_cfg.run, "name"):
                 # same config after a crash: Ray Train resumes this run; a changed config starts a fresh one
                 stage_cfg.run.name = f"{stage.name}-{fingerprints[stage.name]}"
+            upstream = lineage.data_of([done[r]["lineage"] for r in stage.reads if r in done])
+            start = getattr(stage_cfg, "init_checkpoint", None) or getattr(stage_cfg, "model", None)
+            if isinstance(start, str):  # a trainer: the checkpoint (or the preset) it starts from
+                upstream.update(lineage.started_from(start, trained_models(done)))
             previous = state["stages"].get(stage.name, {})
             if previous.get("status") == "finished" and previous.get("fingerprint") == fingerprints[stage.name]:
-                print(f"[pipeline] {stage.name}: finished earlier (fingerprint {fingerprints[stage.name]}), skipped")
-                done[stage.name] = previous["result"]
-                continue
-            done[stage.name] = run_stage(stage, stage_cfg, fingerprints[stage.name], previous, state, out)
+                log.info("[pipeline] %s: finished earlier (fingerprint %s), skipped", stage.name,
+                         fingerprints[stage.name], extra=SHOW)  # fmt: skip
+                result = previous["result"]
+                product = lineage.product(stage.name, result, previous["run_id"], upstream)
+            else:
+                log.info("[pipeline] %s: started (stage %d of %d)", stage.name, number, len(stages), extra=SHOW)
+                result, product = run_stage(stage, stage_cfg, fingerprints[stage.name], upstream, previous, state, out)
+            done[stage.name] = {**result, "lineage": product}
+        mlflow.set_tags({k: v for stage in done.values() for k, v in stage["lineage"].items()
+                         if k.startswith(lineage.DATA_PREFIX)})  # fmt: skip
         summary = json.loads(json.dumps(done, default=str))
         io.write_text(io.join(out, "summary.json"), json.dumps(summary, indent=2))
         mlflow.log_dict(summary, "summary.json")
+        log_overview(state, done)
     return done
 
 
-def run_stage(stage: Stage, stage_cfg: Any, stage_fingerprint: str, previous: dict[str, Any],
-              state: dict[str, Any], out: str) -> dict[str, Any]:  # fmt: skip
-    """One child run named after the stage; the stage's own run function does the work."""
+def run_stage(stage: Stage, stage_cfg: Any, stage_fingerprint: str, upstream: dict[str, str], previous: dict[str, Any],
+              state: dict[str, Any], out: str) -> tuple[dict[str, Any], dict[str, str]]:  # fmt: skip
+    """One child run named after the stage; the stage's own run function does the work. Returns the stage's
+    result and the lineage it hands downstream."""
     import mlflow
 
     module = importlib.import_module(stage.module)
-    print(f"[pipeline] {stage.name}: running")
     started = time.monotonic()
     experiment = mlflow.active_run().info.experiment_id  # the parent's; mlflow would not inherit it
     with mlflow.start_run(experiment_id=experiment, run_name=stage.name, nested=True) as child:
-        mlflow.set_tags({"stage": stage.name, "fingerprint": stage_fingerprint})
+        mlflow.set_tags({"stage": stage.name, **stage_look(stage), **lineage.run_tags("stage", stage_fingerprint,
+                                                                                        upstream)})  # fmt: skip
         if previous.get("run_id"):
             mlflow.set_tag("supersedes", previous["run_id"])
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(stage_cfg).items()})
@@ -256,14 +302,52 @@ def run_stage(stage: Stage, stage_cfg: Any, stage_fingerprint: str, previous: di
             mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
             mlflow.log_text(traceback.format_exc(), "error.txt")
             mlflow.end_run(status="FAILED")
+            log.error("[pipeline] %s: failed after %s", stage.name, format_duration(time.monotonic() - started),
+                      exc_info=err)  # fmt: skip
             raise StageFailed(f"stage '{stage.name}' failed: {type(err).__name__}: {err}") from err
         result = stage_result(stage, stage_cfg, result)
+        product = lineage.product(stage.name, result, child.info.run_id, upstream)
+        mlflow.set_tags({k: v for k, v in product.items() if k == lineage.DATA_PREFIX + stage.name})
         mlflow.log_metric("stage_seconds", time.monotonic() - started)
     state["stages"][stage.name] = {"status": "finished", "fingerprint": stage_fingerprint, "run_id": child.info.run_id,
                                    "result": result, "finished_at": datetime.datetime.now().isoformat()}  # fmt: skip
     save_state(out, state)
-    print(f"[pipeline] {stage.name}: finished in {time.monotonic() - started:.0f} s")
-    return result
+    log.info("[pipeline] %s: finished in %s%s", stage.name, format_duration(time.monotonic() - started),
+             describe(result), extra=SHOW)  # fmt: skip
+    return result, product
+
+
+def stage_look(stage: Stage) -> dict[str, str]:
+    """Data stages grey, trainers blue, the evaluate stage green and marked as an evaluation run."""
+    if stage.name == "evaluate":
+        return run_look("evaluate", evaluation=True)
+    return run_look("trainer" if stage.module.startswith("workflows.") else "data")
+
+
+def describe(result: dict[str, Any]) -> str:
+    """What a stage made, for its finish line: rows of a data set, steps and folder of a model."""
+    if "model" in result:
+        return f": {result.get('steps', '?')} steps, model in {result['model']}"
+    if "rows_out" in result:
+        return f": {result['rows_out']} rows in {result.get('output')}"
+    return ""
+
+
+def log_overview(state: dict[str, Any], done: dict[str, dict[str, Any]]) -> None:
+    """The parent run as the pipeline's front page: every trainer's loss curve in one figure, and the evaluate
+    stage's table (also as an MLflow table) and score-vs-dimension figure."""
+    import mlflow
+
+    trainers = {name: state["stages"][name]["run_id"] for name, result in done.items()
+                if "model" in result and name in state["stages"]}  # fmt: skip
+    log_loss_curves(trainers, "loss_curves.png")
+    if "evaluate" not in done:
+        return
+    folder = done["evaluate"]["output"]  # under the storage root: local or a URI
+    log_evaluation_table(json.loads(io.read_text(io.join(folder, "results.json"))))
+    for name in ("evaluation_table.md", "score_vs_dim.png"):
+        if io.exists(io.join(folder, name)):
+            mlflow.log_artifact(io.local_copy(io.join(folder, name)))
 
 
 def stage_result(stage: Stage, stage_cfg: Any, result: dict[str, Any]) -> dict[str, Any]:
@@ -275,15 +359,31 @@ def stage_result(stage: Stage, stage_cfg: Any, result: dict[str, Any]) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = cli(PipelineConfig, "The whole Nomic Embed pipeline", argv)
+    parser = arg_parser("The whole Nomic Embed pipeline")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and the libraries' routine log lines (always in the log files)")
+    args = parser.parse_args(argv)
+    config = load_config(PipelineConfig, args.config, args.overrides)
+    log_file = log_folder(config) / f"pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
+    handlers = console.setup(log_file, args.verbose)
+    log.info("[pipeline] full log: %s", log_file, extra=SHOW)
     try:
         done = run(config)
     except StageFailed as err:
-        print(f"[pipeline] stopped: {err}. Earlier stages' outputs are kept in {config.storage}; "
-              f"fix the cause and run the same command again to resume.", file=sys.stderr)  # fmt: skip
+        log.error("[pipeline] stopped: %s. Earlier stages' outputs are kept in %s; fix the cause and run the same "
+                  "command again to resume. Full log: %s", err, config.storage, log_file)  # fmt: skip
         raise SystemExit(1) from None
+    finally:
+        console.teardown(handlers)
     print_where_to_look(config, done)
+
+
+def log_folder(config: PipelineConfig) -> Path:
+    """``<storage>/logs`` for a local storage root; ``logs/<pipeline name>`` in the working directory when the
+    storage is ``s3://`` / ``gs://`` (a log file is written as it goes, which an object store cannot take)."""
+    if io.is_remote(config.storage):
+        return Path(LOGS_DIR) / config.name
+    return Path(config.storage) / LOGS_DIR
 
 
 def print_where_to_look(config: PipelineConfig, done: dict[str, Any]) -> None:
@@ -291,9 +391,10 @@ def print_where_to_look(config: PipelineConfig, done: dict[str, Any]) -> None:
     table = io.join(io.absolute(config.storage), "evaluate", "evaluation_table.md")
     if io.exists(table):
         print(io.read_text(table))
-    print(f"\nDone: {', '.join(done)}. Outputs in {config.storage}.")
-    print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000   then open http://127.0.0.1:5000 "
-          f"(experiment '{config.experiment}', parent run '{config.name}')")  # fmt: skip
+    print(f"Done: {', '.join(done)}. Outputs in {config.storage}.")
+    print(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000, then open "
+          f"http://127.0.0.1:5000/{ui_path(experiment_id(config.experiment))} (the runs of '{config.experiment}'; "
+          f"parent run '{config.name}', its stages nested under it)")  # fmt: skip
     print(f"Side-by-side table: python -m evaluation.compare --experiment {config.experiment} --filter beir/")
 
 
