@@ -9,7 +9,7 @@ and actor). Verbose mode (``--verbose``) puts everything on the console as well.
 Known-harmless library messages are dropped where they are emitted: by a filter on the logger that emits them, or
 by a ``warnings`` filter on their exact message and category (`KNOWN_HARMLESS`, `KNOWN_HARMLESS_WARNINGS`); every
 other warning and error is shown. Ray's worker processes get the same treatment through `setup_ray_worker` (Ray's
-``worker_process_setup_hook``) and, in Ray Train workers, `quiet_train_worker`.
+``worker_process_setup_hook``) and, once Ray Train or Ray Data has set up the logging of a worker, `quiet_worker`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +34,13 @@ KNOWN_HARMLESS = (
      "for a controller that dies; the local Ray frees its placement groups on exit anyway) repeats this each second"),
     ("ray.data._internal.progress", "Progress bars disabled",
      "the jobs turn Ray Data's progress bars off on purpose and print their own progress lines"),
+)  # fmt: skip
+# (thread name ending, exception, why it is harmless): uncaught exceptions of library threads, dropped by the
+# thread exception hook of every process; any other thread's exception goes to the hook as before
+KNOWN_HARMLESS_THREAD_ERRORS = (
+    ("/completion-signaler", InterruptedError,
+     "Ray Data's parallel file listing ends its completion-signaler thread by interrupting it once the listing is "
+     "consumed, and that thread does not catch the InterruptedError (Ray 2.60's data/_internal/dynamic_work_queue)"),
 )  # fmt: skip
 # (message regex, category, why it is harmless): ``warnings`` filters in every process
 KNOWN_HARMLESS_WARNINGS = (
@@ -86,8 +94,19 @@ class ConsoleFormatter(logging.Formatter):
         return f"{stamp} {line}"
 
 
+def _drop_harmless_thread_errors(args: threading.ExceptHookArgs) -> None:
+    name = args.thread.name if args.thread is not None else ""
+    if any(name.endswith(end) and isinstance(args.exc_value, kind) for end, kind, _ in KNOWN_HARMLESS_THREAD_ERRORS):
+        return
+    _drop_harmless_thread_errors.previous(args)
+
+
 def drop_known_harmless() -> None:
-    """Install the known-harmless filters (idempotent): at their loggers, and as ``warnings`` filters."""
+    """Install the known-harmless filters (idempotent): at their loggers, as ``warnings`` filters, and in the
+    thread exception hook."""
+    if threading.excepthook is not _drop_harmless_thread_errors:
+        _drop_harmless_thread_errors.previous = threading.excepthook
+        threading.excepthook = _drop_harmless_thread_errors
     for name, text, _ in KNOWN_HARMLESS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, KnownHarmless) and f.text == text for f in logger.filters):
@@ -186,7 +205,7 @@ def setup_ray_worker() -> None:
     logging.captureWarnings(True)
     drop_known_harmless()
     root = logging.getLogger()
-    if not root.handlers:  # Ray Train replaces it in its workers (`quiet_train_worker` filters that one)
+    if not root.handlers:  # Ray Train replaces it in its workers (`quiet_worker` filters that one)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(ConsoleFormatter("%(message)s"))
         root.addHandler(handler)
@@ -197,11 +216,11 @@ def setup_ray_worker() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def quiet_train_worker() -> None:
-    """Inside a Ray Train worker loop, after Ray Train and Ray Data configured the worker's logging: their console
-    handlers show only warnings and `SHOW` lines (progress); the rest stays in ``<session>/logs/train/`` and
-    ``<session>/logs/ray-data/``. A no-op outside Ray's worker processes (a loop run in the driver keeps the
-    driver's console)."""
+def quiet_worker() -> None:
+    """Inside one of Ray's worker processes (a Ray Train worker, an actor running Ray Data), after Ray Train or Ray
+    Data configured its logging: their console handlers show only warnings and `SHOW` lines (progress); the rest
+    stays in ``<session>/logs/train/`` and ``<session>/logs/ray-data/``. A no-op in the driver, whose console is
+    the job's (`setup`)."""
     import ray
 
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:

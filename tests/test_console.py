@@ -4,6 +4,7 @@ only (everything with verbose); known-harmless messages dropped at the logger th
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import pytest
@@ -97,11 +98,27 @@ def test_verbose_shows_the_routine_lines_too(job_console, capfd):
         assert text not in shown, text
 
 
+def test_a_known_harmless_thread_error_is_dropped_and_any_other_is_passed_on(monkeypatch):
+    def fail(error: Exception) -> None:
+        raise error
+
+    passed_on = []  # what reaches the thread exception hook that was there before (Python's prints it)
+    monkeypatch.setattr(threading, "excepthook", lambda args: passed_on.append((args.thread.name, args.exc_value)))
+    console.drop_known_harmless()
+    for name, error in (("pool-1/completion-signaler", InterruptedError()), ("pool-1/worker-0", ValueError("real"))):
+        thread = threading.Thread(target=fail, args=(error,), name=name)
+        thread.start()
+        thread.join()
+    assert [(name, str(error)) for name, error in passed_on] == [("pool-1/worker-0", "real")]
+
+
 def test_every_known_harmless_message_says_why():
     for logger, text, why in console.KNOWN_HARMLESS:
         assert logger.startswith("ray.") and text and len(why) > 40
     for message, category, why in console.KNOWN_HARMLESS_WARNINGS:
         assert issubclass(category, Warning) and message and len(why) > 40
+    for name, error, why in console.KNOWN_HARMLESS_THREAD_ERRORS:
+        assert issubclass(error, Exception) and name and len(why) > 40
 
 
 def test_progress_lines_come_at_a_steady_pace_and_once_at_the_end(caplog, monkeypatch):

@@ -248,11 +248,14 @@ def check_slice(batch: dict[str, np.ndarray], index: int, rank: int, per_rank: i
 
 
 def ray_data_setup() -> None:
-    """Attach to Ray (a job's cluster or a new local one) and quiet Ray Data."""
+    """Attach to Ray (a job's cluster or a new local one) and quiet Ray Data (in an actor, its console too)."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
+    from ops.console import quiet_worker
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    quiet_worker()  # in an actor (the epoch feeder): Ray Data's routine lines to its log file

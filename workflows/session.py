@@ -31,9 +31,9 @@ class Session:
         import ray.train
         import ray.train.torch
 
-        from ops.console import quiet_train_worker
+        from ops.console import quiet_worker
 
-        quiet_train_worker()  # the worker's console: warnings and progress lines; the rest to Ray Train's logs
+        quiet_worker()  # the worker's console: warnings and progress lines; the rest to Ray Train's logs
         ctx = ray.train.get_context()
         session = cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), None)
         if "://" not in run.storage_path:  # stage checkpoints beside the run, not in /tmp (num_workers=0 keeps them)
