@@ -3,30 +3,30 @@
     python -m ops.pair_data --config workflows/configs/pair_data.yaml [key=value ...]
     ray job submit --working-dir . -- python -m ops.pair_data --config workflows/configs/pair_data.yaml
 
-The teacher embeds queries and documents in an actor pool; the embeddings (not the text) are materialised
-(Ray spills them to disk when they outgrow the object store); each source is cut into consecutive chunks of at
-most ``chunk_size`` pairs, searched exactly (a Ray task, on a GPU when ``teacher.num_gpus`` > 0); a pair is kept
-iff its own document is in its query's top ``top_k``. The sources are then read again (cheap next to
-embedding), the kept pairs written, and every dropped pair counted under ``consistency_filter``.
+One streaming pass after a cheap index pass (keys and sources only): the teacher embeds queries and documents in
+an actor pool (fp16); a map gives each pair its chunk (a source's pairs in key order cut into equal chunks of at
+most ``chunk_size``, from the per-source counts); the chunks meet in one shuffle and ``search_actors`` actors
+search one chunk each, exactly (on a GPU when ``teacher.num_gpus`` > 0); a pair is kept iff its own document is
+in its query's top ``top_k``. The kept pairs are written with their text; the driver sees counts only, and every
+dropped pair is counted under ``consistency_filter`` (rows read minus rows written, per source).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ops import io
 from ops.config import cli, fingerprint, to_dict
 from ops.jobs import data_context, ensure_ray, log, setup_logging
 from ops.pairs import AttachPrefixNames
 from ops.readers import FilePlan, SourceConfig, preflight, read_sources
-from ops.teacher import TeacherConfig, consistency_mask, embed_dataset, remote
+from ops.order import RowIndex, row_index
+from ops.teacher import TeacherConfig, consistency_mask, embed_dataset
 
 PAIR_COLUMNS = ["source", "query", "document", "query_prefix", "document_prefix"]
 
@@ -39,6 +39,8 @@ class PairDataConfig:
     consistency_filter: bool = True
     top_k: int = 2  # keep a pair iff its document is in its query's top-k (reference: 2)
     chunk_size: int = 1_000_000  # pairs per exact-search chunk (reference index_size: 1M)
+    search_actors: int = 1  # chunks searched at once (each actor holds one chunk; GPU ones with teacher.num_gpus)
+    search_cpus: float = 0.25  # logical CPUs per search actor (its matmul uses the node's cores or its GPU anyway)
     max_chars: int = 100_000  # longer texts are quarantined as "too_long"
     num_cpus: float = 1.0  # per read task
     preserve_order: bool = True
@@ -46,15 +48,16 @@ class PairDataConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.chunk_size < 1:
-            raise ValueError(f"top_k and chunk_size must be positive, got {self.top_k}, {self.chunk_size}")
+        if self.top_k < 1 or self.chunk_size < 1 or self.search_actors < 1:
+            raise ValueError(f"top_k, chunk_size and search_actors must be positive, got {self.top_k}, "
+                             f"{self.chunk_size}, {self.search_actors}")
 
 
 def read_pairs(config: PairDataConfig, plans: list[FilePlan]):
     """Valid rows of every source with their prefix names (lazy)."""
     prefixes = {s.name: (s.query_prefix, s.document_prefix) for s in config.sources}
     ds = read_sources(config.sources, "pairs", config.output, config.max_chars, config.num_cpus, plans)
-    return ds.map_batches(AttachPrefixNames(prefixes), batch_format="pyarrow")
+    return ds.map_batches(AttachPrefixNames(prefixes), batch_format="pyarrow", num_cpus=config.num_cpus)
 
 
 def chunk_sizes(n: int, chunk_size: int) -> int:
@@ -62,84 +65,79 @@ def chunk_sizes(n: int, chunk_size: int) -> int:
     return math.ceil(n / math.ceil(n / chunk_size)) if n else chunk_size
 
 
-@dataclass
-class FilterResult:
-    kept_keys: np.ndarray
-    chunks: list[tuple[str, np.ndarray]]  # (source, row keys of the chunk in order)
-    dropped_per_source: dict[str, int]
+class AssignChunks:
+    """``map_batches``: each row's search chunk, from its index within its source (`RowIndex` over ``key``) and
+    the per-source counts: a source's rows in key order cut into equal chunks of at most ``chunk_size``."""
+
+    def __init__(self, index: RowIndex, chunk_size: int) -> None:
+        counts = index.counts
+        self.index = index
+        self.sizes = np.array([chunk_sizes(counts[name], chunk_size) for name in index.names], dtype=np.int64)
+        chunks = [math.ceil(counts[name] / size) for name, size in zip(index.names, self.sizes, strict=True)]
+        self.first = np.concatenate([[0], np.cumsum(chunks)[:-1]]).astype(np.int64)
+        self.num_chunks = int(sum(chunks))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        source, within = self.index.lookup(batch.column("key").to_numpy())
+        return batch.append_column("chunk", pa.array(self.first[source] + within // self.sizes[source], pa.int64()))
 
 
-def consistency_filter(embedded, top_k: int, chunk_size: int, num_gpus: float = 0.0,
-                       counts: dict[str, int] | None = None) -> FilterResult:  # fmt: skip
-    """Materialised rows with ``key``, ``source``, ``query_emb``, ``document_emb`` -> keys of the kept pairs.
+class ChunkSearch:
+    """``map_groups`` callable (an actor): one chunk's rows -> the same rows with ``kept`` = the pair's document
+    is in its query's exact top-k among the chunk's documents (`consistency_mask`, on a GPU when the actor has
+    one); the embeddings are dropped unless ``keep_embeddings``."""
 
-    One streaming pass in input order: rows are buffered per source and each full chunk goes to a search task
-    at once; ``counts`` (rows per source, e.g. from the reader statistics) saves a counting pass.
+    def __init__(self, top_k: int, keep_embeddings: bool) -> None:
+        self.top_k, self.keep_embeddings = top_k, keep_embeddings
+
+    def __call__(self, group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(set(group["source"].tolist())) != 1:
+            raise RuntimeError(f"chunk {group['chunk'][0]} mixes sources {sorted(set(group['source'].tolist()))}")
+        kept = consistency_mask(np.asarray(list(group["query_emb"])), np.asarray(list(group["document_emb"])),
+                                self.top_k)
+        dropped = () if self.keep_embeddings else ("query_emb", "document_emb", "chunk")
+        return {**{k: v for k, v in group.items() if k not in dropped}, "kept": kept}
+
+
+def consistency_filter(embedded, num_chunks: int, top_k: int, search_actors: int = 1, search_cpus: float = 0.25,
+                       num_gpus: float = 0.0, keep_embeddings: bool = False, **remote_args):  # fmt: skip
+    """Lazy: rows with ``chunk`` (`AssignChunks`), ``query_emb``, ``document_emb`` and any other columns -> the
+    same rows with a bool ``kept`` column.
+
+    The chunks meet in one shuffle (one partition per chunk, up to 1000) and ``search_actors`` actors search one
+    chunk each at a time: at most that many chunks' embeddings are in a search, wherever the data is. The driver
+    holds the counts behind ``num_chunks``, never an embedding or a key.
     """
     import ray
 
-    if counts is None:
-        counts = Counter()
-        for batch in embedded.select_columns(["source"]).iter_batches(batch_format="pyarrow", batch_size=None):
-            counts.update(batch.column("source").to_pylist())
-    sizes = {s: chunk_sizes(n, chunk_size) for s, n in counts.items()}
-    search = remote(consistency_mask, num_gpus)
-    buffers: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in counts}
-    chunks, pending = [], []
-
-    def submit(source: str, final: bool) -> None:
-        parts = buffers[source]
-        if not parts:
-            return
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in ("key", "query_emb", "document_emb")}
-        size = sizes[source]
-        cut = len(merged["key"]) if final else (len(merged["key"]) // size) * size
-        for start in range(0, cut, size):
-            part = slice(start, min(start + size, cut))
-            chunks.append((source, merged["key"][part]))
-            pending.append(search.remote(merged["query_emb"][part], merged["document_emb"][part], top_k))
-        buffers[source] = [{k: v[cut:] for k, v in merged.items()}] if cut < len(merged["key"]) else []
-
-    for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
-        for source in map(str, np.unique(batch["source"])):
-            rows = batch["source"] == source
-            buffers[source].append({k: np.asarray(batch[k])[rows] for k in ("key", "query_emb", "document_emb")})
-            if sum(len(p["key"]) for p in buffers[source]) >= sizes[source]:
-                submit(source, final=False)
-    for source in sorted(buffers):
-        submit(source, final=True)
-    masks = [np.asarray(m) for m in ray.get(pending)]
-    kept = [keys[m] for (_, keys), m in zip(chunks, masks, strict=True)]
-    dropped = Counter({s: 0 for s in counts})
-    for (source, keys), m in zip(chunks, masks, strict=True):
-        dropped[source] += int(len(keys) - m.sum())
-    return FilterResult(np.concatenate(kept) if kept else np.zeros(0, np.int64), chunks, dict(dropped))
-
-
-class KeepKeys:
-    """Rows whose ``key`` is in the kept set, reduced to the ``pairs/`` columns."""
-
-    def __init__(self, keys: np.ndarray | None, columns: list[str]) -> None:
-        self.keys = None if keys is None else np.sort(keys)
-        self.columns = columns
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.keys is not None:
-            keys = batch.column("key").to_numpy()
-            at = np.minimum(np.searchsorted(self.keys, keys), max(len(self.keys) - 1, 0))
-            keep = (self.keys[at] == keys) if len(self.keys) else np.zeros(len(keys), bool)
-            batch = batch.filter(pa.array(keep))
-        return batch.select([c for c in self.columns if c in batch.column_names])
+    return embedded.groupby("chunk", num_partitions=max(1, min(num_chunks, 1000))).map_groups(
+        ChunkSearch, batch_format="numpy", fn_constructor_kwargs={"top_k": top_k, "keep_embeddings": keep_embeddings},
+        compute=ray.data.ActorPoolStrategy(size=search_actors, max_tasks_in_flight_per_actor=1),
+        num_gpus=num_gpus or None, num_cpus=search_cpus, **remote_args)  # fmt: skip
 
 
 def rows_per_source(output: str) -> dict[str, int]:
-    fs, path = io.resolve(output)
-    counts = Counter()
-    for info in fs.get_file_info(io.pafs.FileSelector(path)):
-        name = info.path.rsplit("/", 1)[-1]
-        if name.startswith("part-") and name.endswith(".parquet"):
-            counts.update(pq.read_table(info.path, columns=["source"], filesystem=fs).column("source").to_pylist())
-    return dict(counts)
+    """Rows per source of a finished folder, counted in Ray Data (the driver gets one number per source)."""
+    import ray
+
+    try:
+        files = io.list_files(io.join(output, "part-*.parquet"))
+    except io.DataError:  # nothing written: every row was dropped
+        return {}
+    counts = ray.data.read_parquet(files).select_columns(["source"]).groupby("source").count().take_all()
+    return {row["source"]: int(row["count()"]) for row in counts}
+
+
+class KeptPairs:
+    """``map_batches``: the rows the filter kept (all rows without a ``kept`` column), reduced to ``columns``."""
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = columns
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if "kept" in batch.column_names:
+            batch = batch.filter(batch.column("kept"))
+        return batch.select([c for c in self.columns if c in batch.column_names])
 
 
 def run(config: PairDataConfig) -> dict:
@@ -148,29 +146,32 @@ def run(config: PairDataConfig) -> dict:
     ensure_ray()
     data_context(config.preserve_order)
     io.prepare_output(config.output, config.overwrite)
-    kept_keys, filtered = None, {}
+    pairs = read_pairs(config, plans)
     if config.consistency_filter:
-        pairs = read_pairs(config, plans).select_columns(["key", "source", "query", "document"])
-        embedded = embed_dataset(pairs, ["query", "document"], config.teacher)
-        embedded = embedded.select_columns(["key", "source", "query_emb", "document_emb"]).materialize()
-        if config.save_embeddings:
-            embedded.write_parquet(io.join(config.output, "embeddings"))
-        counts = io.sum_stats(io.collect_stats(config.output))["rows_read_per_source"]
-        result = consistency_filter(embedded, config.top_k, config.chunk_size, config.teacher.num_gpus, counts)
-        kept_keys, filtered = result.kept_keys, result.dropped_per_source
-        del embedded
+        index = row_index(pairs, id_column="key")  # a cheap first pass over the sources: keys and sources
+        chunks = AssignChunks(index, config.chunk_size)
+        embedded = embed_dataset(pairs.map_batches(chunks, batch_format="pyarrow", num_cpus=config.num_cpus),
+                                 ["query", "document"], config.teacher)  # fmt: skip
+        pairs = consistency_filter(embedded, chunks.num_chunks, config.top_k, config.search_actors,
+                                   config.search_cpus, config.teacher.num_gpus, keep_embeddings=config.save_embeddings)
+        if config.save_embeddings:  # audits and tests: the filtered rows are materialised once for both writes
+            pairs = pairs.materialize()
+            pairs.select_columns(["key", "source", "query_emb", "document_emb"]).write_parquet(
+                io.join(config.output, "embeddings"))
     columns = PAIR_COLUMNS + (["negatives"] if any(s.negatives_column for s in config.sources) else [])
-    out = read_pairs(config, plans).map_batches(KeepKeys(kept_keys, columns), batch_format="pyarrow")
-    io.write_parts(out, config.output, "pair_data", len(plans))
+    io.write_parts(pairs.map_batches(KeptPairs(columns), batch_format="pyarrow"), config.output, "pair_data",
+                   len(plans))
     rows_out = io.finalize(config.output)
     stats = io.sum_stats(io.collect_stats(config.output))
     io.drop_scratch(config.output)
-    if config.consistency_filter:
-        stats = io.add_dropped(stats, "consistency_filter", filtered)
+    out_per_source = rows_per_source(config.output)
+    if config.consistency_filter:  # rows read minus rows written, per source: the driver only ever counts
+        stats = io.add_dropped(stats, "consistency_filter",
+                               {s: n - out_per_source.get(s, 0) for s, n in index.counts.items()})
     dropped = stats["dropped_by_reason"]
     manifest = io.write_manifest(config.output, {
         "kind": "pairs", "rows_in": stats["rows_in"], "rows_out": rows_out, "dropped_by_reason": dropped,
-        "dropped_per_source": stats["dropped_per_source"], "rows_per_source": rows_per_source(config.output),
+        "dropped_per_source": stats["dropped_per_source"], "rows_per_source": out_per_source,
         "negatives_dropped_by_reason": stats["negatives_dropped_by_reason"],
         "prefixes": {s.name: [s.query_prefix, s.document_prefix] for s in config.sources},
         "teacher": to_dict(config.teacher) if config.consistency_filter else None,
