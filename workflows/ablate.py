@@ -87,7 +87,7 @@ def trial_config(raw: dict[str, Any], config: AblateConfig, num_negatives: int, 
     root = Path(config.storage_path).resolve() / config.name / f"negatives{num_negatives}-{mixture}-{trial_id}"
     raw.update(num_negatives=num_negatives, source_weights=config.mixtures[mixture], output_dir=str(root / "model"))
     raw["run"] = {**raw["run"], "name": "finetune", "storage_path": str(root / "ray")}
-    raw["mlflow"] = {**raw["mlflow"], "experiment": config.experiment}
+    raw["mlflow"] = {**raw["mlflow"], "experiment": config.experiment, "registered_model": None}  # trials: no versions
     return from_dict(finetune.FinetuneConfig, raw, where=f"trial {trial_name(num_negatives, mixture)}")
 
 

@@ -16,7 +16,7 @@ from ops.console import library_level
 from workflows import ingest
 from workflows.checkpoints import PROGRESS_FILE, STATE_DIR, export_final
 from workflows.optimization import NonFiniteStepsError
-from workflows.tracking import client_env, log_manifest, mlflow_run
+from workflows.tracking import check_reachable_from_workers, client_env, log_manifest, log_model, mlflow_run
 
 log = logging.getLogger("workflows.train")
 
@@ -77,6 +77,7 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
     feeder = ingest.start_feeder(epochs, world, schedule.epochs, feeder_name, run.data_resources)
     try:
         with mlflow_run(stage, config, config.mlflow) as mlrun:
+            check_reachable_from_workers(mlrun["tracking_uri"])
             log_manifest(config.data)
             mlflow.set_tags({f"{stage}.epochs": schedule.epochs, f"{stage}.steps_per_epoch": schedule.batches_per_epoch,
                              f"{stage}.total_steps": schedule.total_steps})  # fmt: skip
@@ -93,7 +94,8 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
                     storage_filesystem=storage_filesystem,
                     failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
-                    worker_runtime_env={"env_vars": client_env()},  # rank 0 logs with the driver's MLflow login
+                    # rank 0 logs to the driver's tracking server (from the job's runtime env) with its login
+                    worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": mlrun["tracking_uri"], **client_env()}},
                     # Ray Train's own INFO lines (worker group start, checkpoint reports) to its log files only
                     logging_config=ray.train.LoggingConfig(log_level=library_level()),
                 ),
@@ -108,11 +110,12 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
                 model_dir = export_final(Path(folder), str(Path(scratch) / "model") if remote else config.output_dir,
                                          kind)  # fmt: skip
                 progress = json.loads((Path(folder) / STATE_DIR / PROGRESS_FILE).read_text())
-                mlflow.log_artifacts(str(model_dir), "model")
+                registered = log_model(Path(model_dir), kind, config.mlflow.registered_model)
                 log_loss_curves({stage: mlrun["run_id"]}, "loss_curve.png")
                 if remote:
                     upload_folder(model_dir, config.output_dir)
-            return {"stage": stage, "model": config.output_dir, "checkpoint": result.checkpoint.path,
+            return {"stage": stage, "model": config.output_dir, "registered_model": registered,
+                    "checkpoint": result.checkpoint.path,
                     "steps": progress["step"], "metrics": dict(result.metrics or {}), "mlflow_run_id": mlrun["run_id"]}
     finally:
         ray.kill(feeder)

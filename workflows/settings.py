@@ -62,3 +62,4 @@ class MlflowSettings:
     experiment: str
     parent_run_id: str | None  # nest under a pipeline run; None -> $MLFLOW_PARENT_RUN_ID if set
     artifact_location: str | None  # for a new experiment; None -> beside a sqlite store, else the server's
+    registered_model: str | None  # encoders: a new version of this Model Registry name (sentence-transformers flavour)

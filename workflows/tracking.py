@@ -70,6 +70,41 @@ def log_manifest(data_dir: str) -> None:
     mlflow.set_tag("dataset", data_dir)
 
 
+def log_model(model_dir: Path, kind: str, registered_model: str | None) -> str | None:
+    """The exported model as the run's artifact, without ``training_state/`` (optimizer, RNG): an encoder as an
+    MLflow sentence-transformers model (its ``st/`` export, loadable with `mlflow.sentence_transformers.load_model`
+    and servable with `mlflow models serve`), registered as a new version of ``registered_model`` if given; a
+    masked-LM checkpoint as files. Returns the registered ``models:/<name>/<version>`` URI, or None."""
+    import mlflow
+
+    from workflows.checkpoints import STATE_DIR
+
+    if kind != "encoder" or not (model_dir / "st").is_dir():
+        for item in sorted(model_dir.iterdir()):
+            if item.name == STATE_DIR:
+                continue
+            if item.is_dir():
+                mlflow.log_artifacts(str(item), f"model/{item.name}")
+            else:
+                mlflow.log_artifact(str(item), "model")
+        if registered_model:
+            log.warning("registered_model %s: only encoders are registered (this is a %s checkpoint)", registered_model,
+                        kind)  # fmt: skip
+        return None
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformer(str(model_dir / "st"), device="cpu")
+    info = mlflow.sentence_transformers.log_model(
+        encoder, name="model", registered_model_name=registered_model, task=None,
+        input_example=["search_query: what is a rotary position embedding?"],
+        pip_requirements=["sentence-transformers", "torch", "transformers"])  # fmt: skip
+    if not registered_model:
+        return None
+    uri = f"models:/{registered_model}/{info.registered_model_version}"
+    mlflow.set_tag("registered_model", uri)
+    return uri
+
+
 def tracking_uri() -> str:
     """MLflow's tracking URI with a relative sqlite path made absolute (workers run elsewhere)."""
     import mlflow
@@ -78,6 +113,23 @@ def tracking_uri() -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     return uri
+
+
+def check_reachable_from_workers(uri: str) -> None:
+    """A sqlite (or file) store lives on the driver's node: on a cluster whose work runs on other nodes, the Ray
+    Train workers that log could not open it. Fail before any work with what to do instead."""
+    import ray
+
+    if not uri.startswith(("sqlite:", "file:", "/")) or not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    here = ray.get_runtime_context().get_node_id()
+    local_cpus = next((n["Resources"].get("CPU", 0) for n in nodes if n["NodeID"] == here), 0)
+    if len(nodes) > 1 or local_cpus == 0:
+        raise RuntimeError(f"MLFLOW_TRACKING_URI is {uri}, a file on the driver's node, but this Ray cluster runs "
+                           "work on other nodes, whose workers cannot open it. Start a tracking server "
+                           "(docs/platform.md) and give its URL to the job: ray job submit --runtime-env-json "
+                           "'{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://<server>:5000\"}}' ...")  # fmt: skip
 
 
 def client_env() -> dict[str, str]:
