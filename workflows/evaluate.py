@@ -40,7 +40,7 @@ class EvaluateConfig:
     loco: list[str] = field(default_factory=list)
     loco_lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192])
     dims: list[str] = field(default_factory=list)  # Matryoshka dims / "binary" for the v1.5 models
-    dims_models: list[str] = field(default_factory=list)  # labels that get the dims sweep (empty: all)
+    dims_models: list[str] = field(default_factory=list)  # labels (baselines too) with the dims sweep; empty: ours
     glue: GlueConfig = field(default_factory=GlueConfig)
     limit: int | None = None  # first N queries / pairs of each local task (smoke runs)
     max_length: int | None = None
@@ -73,7 +73,7 @@ def run(config: EvaluateConfig) -> dict[str, dict[str, float]]:
     jobs = []
     for label, source in [*config.models.items(), *config.baselines.items()]:
         ours = label in config.models
-        sweep = ours and (not config.dims_models or label in config.dims_models)
+        sweep = label in config.dims_models if config.dims_models else ours
         jobs.append((label, replace(base, model=resolve_model(source), dims=config.dims if sweep else [],
                                     loco=config.loco if ours else [])))  # fmt: skip
     if config.glue_model and config.glue.tasks:

@@ -78,6 +78,7 @@ class Stage:
     config_class: str
     reads: tuple[str, ...]  # upstream stages whose outputs this one consumes
     wire: Callable[[dict[str, Any], str, dict[str, dict[str, Any]]], dict[str, Any]]
+    optional: tuple[str, ...] = ()  # upstream stages used when enabled; else the stage's own config says where
 
 
 def _output(name: str) -> Callable:
@@ -88,12 +89,13 @@ def _output(name: str) -> Callable:
 
 
 def _wire_trainer(name: str, data_stage: str, init_stage: str | None) -> Callable:
-    """Input data and init checkpoint from upstream; Ray Train state under the pipeline's folder with a stable
+    """Input data and init checkpoint from upstream (without the upstream stage, e.g. adapting a published
+    model, the stage's own ``init_checkpoint``); Ray Train state under the pipeline's folder with a stable
     run name, so a restarted pipeline resumes a half-finished trainer from its last checkpoint."""
 
     def wire(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
         raw = {**raw, "data": done[data_stage]["output"], "output_dir": io.join(out, name, "model")}
-        if init_stage is not None:
+        if init_stage in done:
             raw["init_checkpoint"] = done[init_stage]["model"]
         raw["run"] = {**raw.get("run", {}), "storage_path": io.join(out, "ray_results"), "name": name}
         return raw
@@ -102,11 +104,28 @@ def _wire_trainer(name: str, data_stage: str, init_stage: str | None) -> Callabl
 
 
 def _wire_mining(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {**raw, "output": io.join(out, "mine_negatives")}
+    raw = {**raw, "output": io.join(out, "mine_negatives")}
+    if "beir_split" in done:  # the first source mines the split's train queries against the whole corpus
+        split = done["beir_split"]["output"]
+        first = {**raw["sources"][0], "path": io.join(split, "train.jsonl")}
+        raw["sources"] = [first, *raw["sources"][1:]]
+        raw["corpora"] = {**raw.get("corpora", {}), first["name"]: io.join(split, "corpus.jsonl")}
+    return raw
+
+
+def _wire_baseline(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    split = done["beir_split"]["output"]
+    return {**raw, "data": io.join(split, "train.jsonl"), "output_dir": io.join(out, "st_baseline")}
 
 
 def _wire_evaluate(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     models = {name: done[name]["model"] for name in ("contrastive", "finetune", "matryoshka") if name in done}
+    if "st_baseline" in done:
+        raw = {**raw, "baselines": {**raw.get("baselines", {}), "st_mnrl": done["st_baseline"]["model"]}}
+    if "beir_split" in done:  # the held-out validation queries, scored beside the test set
+        split = done["beir_split"]
+        held_out = f"{split.get('validation_task', 'validation')}={io.join(split['output'], 'validation')}"
+        raw = {**raw, "beir": [*raw.get("beir", []), held_out]}
     raw = {**raw, "models": {**models, **raw.get("models", {})}, "output": io.join(out, "evaluate")}
     if "mlm" in done and raw.get("glue", {}).get("tasks"):
         raw["glue_model"] = done["mlm"]["model"]
@@ -130,13 +149,15 @@ STAGES = (
     Stage("pair_data", "ops.pair_data", "PairDataConfig", (), _output("pair_data")),
     Stage("contrastive", "workflows.contrastive", "ContrastiveConfig", ("pair_data", "mlm"),
           _wire_trainer("contrastive", "pair_data", "mlm")),
-    Stage("mine_negatives", "ops.mine_negatives", "MineNegativesConfig", (), _wire_mining),
-    Stage("finetune", "workflows.finetune", "FinetuneConfig", ("mine_negatives", "contrastive"),
-          _wire_trainer("finetune", "mine_negatives", "contrastive")),
-    Stage("matryoshka", "workflows.matryoshka", "MatryoshkaConfig", ("mine_negatives", "contrastive"),
-          _wire_trainer("matryoshka", "mine_negatives", "contrastive")),
-    Stage("evaluate", "workflows.evaluate", "EvaluateConfig", ("mlm", "contrastive", "finetune", "matryoshka"),
-          _wire_evaluate),
+    Stage("beir_split", "evaluation.beir_split", "BeirSplitConfig", (), _output("beir_split")),
+    Stage("mine_negatives", "ops.mine_negatives", "MineNegativesConfig", (), _wire_mining, ("beir_split",)),
+    Stage("finetune", "workflows.finetune", "FinetuneConfig", ("mine_negatives",),
+          _wire_trainer("finetune", "mine_negatives", "contrastive"), ("contrastive",)),
+    Stage("matryoshka", "workflows.matryoshka", "MatryoshkaConfig", ("mine_negatives",),
+          _wire_trainer("matryoshka", "mine_negatives", "contrastive"), ("contrastive",)),
+    Stage("st_baseline", "workflows.st_baseline", "StBaselineConfig", ("beir_split",), _wire_baseline),
+    Stage("evaluate", "workflows.evaluate", "EvaluateConfig", (),
+          _wire_evaluate, ("mlm", "contrastive", "finetune", "matryoshka", "beir_split", "st_baseline")),
 )  # fmt: skip
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -156,8 +177,8 @@ def validate(config: PipelineConfig) -> None:
         if not Path(config.stages[stage.name].config).is_file():
             raise ConfigError(f"pipeline: stage {stage.name}: config file {config.stages[stage.name].config} "
                               "does not exist")  # fmt: skip
-        missing = [r for r in stage.reads if r not in enabled and r != "evaluate"]
-        if stage.name != "evaluate" and missing:
+        missing = [r for r in stage.reads if r not in enabled]
+        if missing:
             raise ConfigError(f"pipeline: stage {stage.name} reads {missing}, which are not enabled")
 
 
@@ -249,12 +270,14 @@ def run(config: PipelineConfig) -> dict[str, Any]:
             state["params_logged"] = True
         for number, stage in enumerate(stages, 1):
             stage_cfg = stage_config(stage, config.stages[stage.name], out, done)
+            upstream_fingerprints = {r: fingerprints.get(r) for r in stage.reads + stage.optional
+                                     if r in fingerprints or r in stage.reads}  # fmt: skip
             fingerprints[stage.name] = fingerprint({"config": dataclasses.asdict(stage_cfg),
-                                                    "upstream": {r: fingerprints.get(r) for r in stage.reads}})  # fmt: skip
+                                                    "upstream": upstream_fingerprints})  # fmt: skip
             if hasattr(stage_cfg, "run") and hasattr(stage_cfg.run, "name"):
                 # same config after a crash: Ray Train resumes this run; a changed config starts a fresh one
                 stage_cfg.run.name = f"{stage.name}-{fingerprints[stage.name]}"
-            upstream = lineage.data_of([done[r]["lineage"] for r in stage.reads if r in done])
+            upstream = lineage.data_of([done[r]["lineage"] for r in stage.reads + stage.optional if r in done])
             start = getattr(stage_cfg, "init_checkpoint", None) or getattr(stage_cfg, "model", None)
             if isinstance(start, str):  # a trainer: the checkpoint (or the preset) it starts from
                 upstream.update(lineage.started_from(start, trained_models(done)))
