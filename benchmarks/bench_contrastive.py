@@ -7,7 +7,7 @@ sentence-transformers' cached loss.
 Both sides embed the same prefixed texts (``{"query", "document"}`` lines, cycled to the batch) with the same weights,
 bf16 autocast, the InfoNCE loss at scale 50 over in-batch negatives, gradient caching in chunks of ``--chunk`` texts,
 and a fused AdamW step; tokenization is timed on both sides.
-- ours: `workflows.contrastive.PackedEncoder` (queries and documents as separate packed streams) + `GradCache` +
+- ours: `workflows.contrastive.StreamEncoder` over `NomicEncoder` (queries and documents as separate packed streams) + `GradCache` +
   `ContrastiveLoss`, as the trainer runs them;
 - peer: sentence-transformers' `CachedMultipleNegativesRankingLoss` (``mini_batch_size`` = chunk) over transformers'
   `NomicBert` loaded from our `st/` export, padded per column as its data collator does.
@@ -31,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file
 from benchmarks.bench_model import timed
 from nomicbert.checkpoint import export_all
 from nomicbert.config import NomicBertConfig, tiny
+from nomicbert.encoders import NomicEncoder
 from nomicbert.losses import ContrastiveLoss, GradCache
 from nomicbert.model import NomicBertModel
 from nomicbert.tokenizer import load_tokenizer
-from workflows.contrastive import PackedEncoder
+from workflows.contrastive import StreamEncoder
 
 
 def read_pairs(path: Path, batch: int) -> tuple[list[str], list[str]]:
@@ -82,7 +83,7 @@ def main() -> None:
 
     if args.only in (None, "ours"):
         model.to(device).train()
-        net = PackedEncoder(model, "bf16" if dtype == torch.bfloat16 else "fp32")
+        net = StreamEncoder(NomicEncoder(model, tokenizer), "bf16" if dtype == torch.bfloat16 else "fp32")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         cache, loss_fn = GradCache(args.chunk, device), ContrastiveLoss(logit_scale=50.0)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nomicbert.attention import Segments
+from nomicbert.attention import pack_sequences
 from nomicbert.checkpoint import CONFIG_NAME, resolve, write_sentence_transformers_config
 from nomicbert.embed import TASK_PREFIXES, finalize, mean_pool_packed
 
@@ -128,9 +128,7 @@ class NomicEncoder(Encoder):
         return self.model.config.hidden_size
 
     def forward(self, token_lists: Sequence[Sequence[int]]) -> torch.Tensor:
-        device = self.device
-        segments = Segments.from_lengths([len(t) for t in token_lists], device=device)
-        ids = torch.tensor([i for t in token_lists for i in t], dtype=torch.long, device=device)
+        ids, segments = pack_sequences(token_lists, self.device)  # offsets on the host: the step never waits
         return mean_pool_packed(self.model.forward_packed(ids, segments), segments)
 
     def save(self, folder: str | os.PathLike, weights: dict[str, torch.Tensor] | None = None) -> Path:
@@ -238,20 +236,22 @@ def is_nomic_folder(folder: Path) -> bool:
 
 
 def load_encoder(source: str | os.PathLike, recipe: str | None = None, max_length: int | None = None,
-                 batch_tokens: int = 16384) -> Encoder:  # fmt: skip
+                 batch_tokens: int = 16384, **nomic_overrides) -> Encoder:  # fmt: skip
     """Any supported checkpoint -> an `Encoder`, read strictly (a module or pooling we cannot reproduce is an
     `EncoderError` naming it).
 
     ``source``: a folder or Hub id of NomicBERT (ours, published Nomic, transformers NomicBert), a
     sentence-transformers model, or a `transformers` ``AutoModel`` (mean pooling, L2). ``recipe``: force "v1"
-    or "v1.5" (the Matryoshka stage trains toward v1.5); ``max_length``: cap the model's own limit.
+    or "v1.5" (the Matryoshka stage trains toward v1.5); ``max_length``: cap the model's own limit;
+    ``nomic_overrides``: NomicBertConfig fields for a NomicBERT checkpoint (e.g. ``rotary_scaling_factor=None``).
     """
     folder = resolve(source)
     if is_nomic_folder(folder) and not (folder / ST_MODULES).is_file():
         from nomicbert.checkpoint import load_model
         from nomicbert.tokenizer import has_tokenizer_files, load_tokenizer
 
-        model = load_model(folder, kind="encoder", **({"embedding_recipe": recipe} if recipe else {}))
+        overrides = {**({"embedding_recipe": recipe} if recipe else {}), **nomic_overrides}
+        model = load_model(folder, kind="encoder", **overrides)
         tokenizer = load_tokenizer(folder if has_tokenizer_files(folder) else None)
         return NomicEncoder(model, tokenizer, max_length)
     settings = read_sentence_transformers_folder(folder) if (folder / ST_MODULES).is_file() else {}

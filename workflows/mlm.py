@@ -94,6 +94,7 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
           mlflow_run: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
     """The training loop, Ray or not. ``batches``: this worker's slice of each global batch, in order, as numpy
     columns ``row_id``, ``input_ids`` [rows, L], ``labels`` [rows, L] (-100 = not masked), ``doc_lengths``."""
+    from nomicbert.checkpoint import save_pretrained
     from nomicbert.tokenizer import load_tokenizer
 
     torch.manual_seed(cfg.run.seed)
@@ -131,8 +132,13 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
         loss_sum, correct = all_reduce_sum(torch.stack([loss_sum, correct.float()]))
         return StepOutput(loss_sum / masked_total, ids.size * session.world_size, {"accuracy": correct / masked_total})
 
-    return train_steps("mlm", cfg, model, net, load_tokenizer(), session, batches, total_steps, forward_backward,
-                       resumed, mlflow_run)  # fmt: skip
+    tokenizer = load_tokenizer()
+
+    def save_model(folder: Path, weights: dict[str, torch.Tensor]) -> None:
+        save_pretrained(model, folder, tokenizer, weights=weights)
+
+    return train_steps("mlm", cfg, model, net, save_model, session, batches, total_steps, forward_backward, resumed,
+                       mlflow_run)  # fmt: skip
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
