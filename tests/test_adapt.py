@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_train_stages import workdir  # noqa: F401  (the module's Ray + MLflow working folder)
 from train_helpers import make_pairs, metric_history, pair_rows, stage_config
 
 from nomicbert.embed import TASK_PREFIXES
@@ -17,15 +18,6 @@ from nomicbert.encoders import TransformersEncoder, load_encoder
 from workflows import finetune, matryoshka
 
 OPTIM_FAST = {"optim.lr": 2e-3, "optim.warmup_steps": 1, "optim.warmup_ratio": 0.0}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, ray_session, shared_data):
-    tmp = tmp_path_factory.mktemp("adapt")
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
-    yield tmp
-    os.environ.pop("MLFLOW_TRACKING_URI") if previous is None else os.environ.update(MLFLOW_TRACKING_URI=previous)
 
 
 @pytest.fixture(scope="module")
