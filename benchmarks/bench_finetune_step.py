@@ -116,10 +116,11 @@ def peer(folder: str, batches: list[list[list[str]]], chunk: int, max_length: in
 
 def compare(name: str, make_encoder, folder: str, batches, chunk: int, max_length: int, repeats: int) -> dict:
     best_ours, best_peer, tokens = float("inf"), float("inf"), 0
-    for _ in range(repeats):  # alternate, so both see the same contention
+    for repeat in range(repeats):  # alternate, so both see the same contention
         seconds, tokens = ours(make_encoder(), batches, chunk, max_length)
-        best_ours = min(best_ours, seconds)
-        best_peer = min(best_peer, peer(folder, batches, chunk, max_length))
+        peer_seconds = peer(folder, batches, chunk, max_length)
+        print(f"# {name}, repeat {repeat + 1}: ours {seconds:.1f} s, peer {peer_seconds:.1f} s", flush=True)
+        best_ours, best_peer = min(best_ours, seconds), min(best_peer, peer_seconds)
     pairs = sum(len(b) for b in batches)
     row = {"bench": name, "pairs": pairs, "tokens": tokens, "ours_s": best_ours, "peer_s": best_peer,
            "ours_pairs_per_s": pairs / best_ours, "peer_pairs_per_s": pairs / best_peer,
