@@ -50,6 +50,7 @@ class EvalConfig:
     ray_workers: int = 2
     ray_gpus_per_worker: float = 0.0
     device: str | None = None
+    embedding_cache: str | None = None  # folder of raw embeddings shared with the mining teacher (ops.embedding_cache)
     log_to_mlflow: bool = True
 
 
@@ -134,6 +135,7 @@ def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[
 
     spec = ModelSpec(config.model, max_length=config.max_length, device=config.device)
     encoder = load_encoder(spec)
+    encoder.embedding_cache = config.embedding_cache
     variants = [(None, False)] + parse_dims(config.dims, encoder.hidden_size)
     params.update({"model_revision": encoder.revision, "max_length": encoder.max_length,
                    "model_kind": "nomic" if encoder.is_nomic else "sentence-transformers",

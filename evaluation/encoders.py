@@ -74,6 +74,14 @@ class TextEncoder:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str | None, str], np.ndarray] = {}
+        self._disk: dict[str | None, object] = {}
+        self.embedding_cache: str | None = None  # a folder shared with the mining teacher (`ops.embedding_cache`)
+        self.folder: str | None = None  # the model's local folder (what the disk cache fingerprints)
+        self.precision = "cpu-fp32"
+
+    def prompt(self, task: str | None) -> str:
+        """The text prepended for ``task``."""
+        raise NotImplementedError
 
     @property
     def uses_task_prompts(self) -> bool:
@@ -92,11 +100,24 @@ class TextEncoder:
             raise ValueError(f"unknown task {task!r}; choose one of {NOMIC_TASKS} or None")
         missing = list(dict.fromkeys(t for t in texts if (task, t) not in self._cache))
         if missing:
-            for text, row in zip(missing, self._raw(missing, task), strict=True):
+            disk = self._disk_cache(task)
+            rows = self._raw(missing, task) if disk is None else disk.embed(missing, lambda m: self._raw(m, task))
+            for text, row in zip(missing, rows, strict=True):
                 self._cache[(task, text)] = row
         if not texts:
             return np.zeros((0, self.hidden_size), dtype=np.float32)
         return np.stack([self._cache[(task, t)] for t in texts])
+
+    def _disk_cache(self, task: str | None):
+        if self.embedding_cache is None or self.folder is None:
+            return None
+        if task not in self._disk:
+            from ops.embedding_cache import EmbeddingCache, model_fingerprint
+
+            fingerprint = self._disk.setdefault("fingerprint", model_fingerprint(self.folder))
+            self._disk[task] = EmbeddingCache(self.embedding_cache, fingerprint, self.max_length, self.precision,
+                                              self.prompt(task))  # fmt: skip
+        return self._disk[task]
 
     def encode(self, texts: Sequence[str], task: str | None = None, dim: int | None = None,
                binary: bool = False) -> np.ndarray:  # fmt: skip
@@ -110,6 +131,7 @@ class TextEncoder:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._disk.clear()
 
 
 class NomicEncoder(TextEncoder):
@@ -127,6 +149,13 @@ class NomicEncoder(TextEncoder):
         self.name, self.revision = str(spec.source), model_revision(spec.source)
         self.max_length = self.embedder.max_length
         self.hidden_size = self.embedder.config.hidden_size
+        self.folder = str(spec.source) if Path(spec.source).is_dir() else None
+        self.precision = f"{self.embedder.device.type}-{str(self.embedder.dtype).removeprefix('torch.')}"
+
+    def prompt(self, task: str | None) -> str:
+        from nomicbert.embed import add_prefix
+
+        return add_prefix([""], task)[0]
 
     def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
         from nomicbert.embed import add_prefix
@@ -159,6 +188,11 @@ class SentenceTransformerEncoder(TextEncoder):
         self.name, self.revision = str(spec.source), model_revision(spec.source)
         self.max_length = int(self.model.max_seq_length)
         self.hidden_size = int(self.model.get_embedding_dimension())
+        self.folder = local_folder(str(spec.source))
+        self.precision = f"{device.split(':')[0]}-{'bf16' if device.startswith('cuda') else 'fp32'}"
+
+    def prompt(self, task: str | None) -> str:
+        return (self.model.prompts or {}).get(task, "") if task is not None else ""
 
     @property
     def uses_task_prompts(self) -> bool:
@@ -184,6 +218,18 @@ class SentenceTransformerEncoder(TextEncoder):
                         max_length)  # fmt: skip
         self.model.max_seq_length = self.max_length = min(max_length, limit)
         self.clear_cache()
+
+
+def local_folder(source: str) -> str | None:
+    """A model folder, or a Hub id's snapshot already in the local cache; None when neither."""
+    if Path(source).is_dir():
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source, local_files_only=True)
+    except Exception:  # not downloaded: nothing to fingerprint
+        return None
 
 
 def load_encoder(spec: ModelSpec | str) -> TextEncoder:

@@ -9,6 +9,7 @@ inner product is the cosine (FAISS ``IndexFlatIP`` in the reference). The search
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class TeacherConfig:
     num_gpus: float = 0.0  # per actor (and for the search task); 0 on a CPU-only cluster
     num_cpus: float = 1.0  # per actor (what Ray reserves)
     threads: int = 0  # torch CPU threads per actor; 0 = Ray's default (num_cpus). More uses idle cores on CPU.
+    embedding_cache: str | None = None  # folder shared with the evaluation (`ops.embedding_cache`); None = off
 
     def __post_init__(self) -> None:
         if self.actors < 1:
@@ -54,7 +56,8 @@ class TeacherEmbed:
     the bytes through the object store and the search shuffle, and what a GPU searches in anyway."""
 
     def __init__(self, model: str, columns: Sequence[str], max_length: int = 512, batch_size: int = 128,
-                 fp16: bool = True, threads: int = 0, total_texts: int | None = None) -> None:  # fmt: skip
+                 fp16: bool = True, threads: int = 0, total_texts: int | None = None,
+                 embedding_cache: str | None = None) -> None:  # fmt: skip
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -64,15 +67,28 @@ class TeacherEmbed:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = SentenceTransformer(resolve_teacher(model), device=self.device)
         self.model.max_seq_length = max_length
-        if fp16 and self.device == "cuda":
+        half = fp16 and self.device == "cuda"
+        if half:
             self.model.half()
         self.columns, self.batch_size = list(columns), batch_size
         # a line every 30 s from each actor (the total is known when one actor embeds a known number of texts)
         self.progress, self.done = Progress("teacher", total_texts, "texts embedded", logging.getLogger("ops")), 0
+        self.cache = None
+        folder = resolve_teacher(model)
+        if embedding_cache is not None and os.path.isdir(folder):  # a Hub id not downloaded yet: no cache
+            from ops.embedding_cache import EmbeddingCache, model_fingerprint
+
+            self.cache = EmbeddingCache(embedding_cache, model_fingerprint(folder), self.model.max_seq_length,
+                                        f"{self.device}-{'fp16' if half else 'fp32'}")  # fmt: skip
+
+    def raw(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=False, convert_to_numpy=True,
+                                 show_progress_bar=False).astype(np.float32)  # fmt: skip
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        emb = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                                show_progress_bar=False).astype(np.float32)  # fmt: skip
+        raw = self.raw(texts) if self.cache is None else self.cache.embed(texts, self.raw)
+        norms = np.linalg.norm(raw, axis=-1, keepdims=True)
+        emb = raw / np.where(norms > 0, norms, 1.0)
         bad = ~np.isfinite(emb).all(-1) | (np.abs(emb).sum(-1) == 0)
         if bad.any():  # every search score of such a row would be 0 or NaN: its neighbours would be arbitrary
             example = texts[int(np.argmax(bad))][:80]
@@ -98,7 +114,7 @@ def embed_dataset(ds, columns: Sequence[str], teacher: TeacherConfig, rows: int 
         TeacherEmbed, batch_size=max(teacher.batch_size, 64), batch_format="numpy",
         fn_constructor_kwargs={"model": teacher.model, "columns": list(columns), "max_length": teacher.max_length,
                                "batch_size": teacher.batch_size, "fp16": teacher.fp16, "threads": teacher.threads,
-                               "total_texts": total},
+                               "total_texts": total, "embedding_cache": teacher.embedding_cache},
         compute=ray.data.ActorPoolStrategy(size=teacher.actors), num_gpus=teacher.num_gpus or None,
         num_cpus=teacher.num_cpus)  # fmt: skip
 

@@ -47,6 +47,7 @@ class EvaluateConfig:
     experiment: str = "evaluation"
     output: str | None = None  # folder for evaluation_table.md, results.json and score_vs_dim.png
     lineage: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> lineage tags (the pipeline's)
+    embedding_cache: str | None = None  # raw embeddings shared with the mining teacher (the pipeline sets it)
 
 
 def resolve_model(source: str) -> str:
@@ -69,7 +70,8 @@ def run(config: EvaluateConfig) -> dict[str, dict[str, float]]:
         raise ValueError("evaluate: nothing to score (models, baselines and glue_model are all empty)")
     parent = mlflow.active_run()
     base = EvalConfig(model="", beir=config.beir, sts=config.sts, loco=config.loco, loco_lengths=config.loco_lengths,
-                      limit=config.limit, max_length=config.max_length, experiment=config.experiment)  # fmt: skip
+                      limit=config.limit, max_length=config.max_length, experiment=config.experiment,
+                      embedding_cache=config.embedding_cache)  # fmt: skip
     jobs = []
     for label, source in [*config.models.items(), *config.baselines.items()]:
         ours = label in config.models

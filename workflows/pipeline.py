@@ -103,8 +103,17 @@ def _wire_trainer(name: str, data_stage: str, init_stage: str | None) -> Callabl
     return wire
 
 
+EMBEDDING_CACHE = "embedding_cache"  # raw embeddings the mining teacher and the evaluation share (ops.embedding_cache)
+
+
+def embedding_cache(out: str) -> dict[str, str]:
+    """The shared embedding cache's setting: a folder under a local storage root (none under s3:// / gs://)."""
+    return {} if io.is_remote(out) else {"embedding_cache": io.join(out, EMBEDDING_CACHE)}
+
+
 def _wire_mining(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     raw = {**raw, "output": io.join(out, "mine_negatives")}
+    raw["teacher"] = {**embedding_cache(out), **raw.get("teacher", {})}
     if "beir_split" in done:  # the first source mines the split's train queries against the whole corpus
         split = done["beir_split"]["output"]
         first = {**raw["sources"][0], "path": io.join(split, "train.jsonl")}
@@ -126,7 +135,8 @@ def _wire_evaluate(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]
         split = done["beir_split"]
         held_out = f"{split.get('validation_task', 'validation')}={io.join(split['output'], 'validation')}"
         raw = {**raw, "beir": [*raw.get("beir", []), held_out]}
-    raw = {**raw, "models": {**models, **raw.get("models", {})}, "output": io.join(out, "evaluate")}
+    raw = {**embedding_cache(out), **raw, "models": {**models, **raw.get("models", {})},
+           "output": io.join(out, "evaluate")}  # fmt: skip
     if "mlm" in done and raw.get("glue", {}).get("tasks"):
         raw["glue_model"] = done["mlm"]["model"]
     if "matryoshka" in done and raw.get("dims"):
