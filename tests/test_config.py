@@ -72,11 +72,12 @@ def test_every_shipped_yaml_config_loads():
     from workflows.matryoshka import MatryoshkaConfig
     from workflows.mlm import MLMConfig
     from workflows.pipeline import PipelineConfig
+    from workflows.st_baseline import StBaselineConfig
 
     classes = {"mlm_data": MlmDataConfig, "pair_data": PairDataConfig, "mine_negatives": MineNegativesConfig,
                "mlm": MLMConfig, "contrastive": ContrastiveConfig, "finetune": FinetuneConfig,
                "matryoshka": MatryoshkaConfig, "evaluate": EvaluateConfig, "ablate": AblateConfig,
-               "beir_split": BeirSplitConfig}  # fmt: skip
+               "beir_split": BeirSplitConfig, "st_baseline": StBaselineConfig}  # fmt: skip
     folder = Path(__file__).resolve().parent.parent / "workflows" / "configs"
     files = sorted(folder.glob("*.yaml"))
     assert files
