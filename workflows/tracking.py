@@ -79,7 +79,9 @@ def log_model(model_dir: Path, kind: str, registered_model: str | None) -> str |
 
     from workflows.checkpoints import STATE_DIR
 
-    if kind != "encoder" or not (model_dir / "st").is_dir():
+    # ours: the sentence-transformers export in st/; an adapted transformers model: the folder itself is one
+    st_folder = model_dir / "st" if (model_dir / "st").is_dir() else model_dir
+    if kind != "encoder" or not (st_folder / "modules.json").is_file():
         for item in sorted(model_dir.iterdir()):
             if item.name == STATE_DIR:
                 continue
@@ -93,7 +95,7 @@ def log_model(model_dir: Path, kind: str, registered_model: str | None) -> str |
         return None
     from sentence_transformers import SentenceTransformer
 
-    encoder = SentenceTransformer(str(model_dir / "st"), device="cpu")
+    encoder = SentenceTransformer(str(st_folder), device="cpu")
     info = mlflow.sentence_transformers.log_model(
         encoder, name="model", registered_model_name=registered_model, task=None,
         input_example=["search_query: what is a rotary position embedding?"],
