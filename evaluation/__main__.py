@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-workers", type=int, default=2)
     p.add_argument("--ray-gpus-per-worker", type=float, default=0.0)
     p.add_argument("--device", default=None)
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="bf16 autocast on CPU for sentence-transformers models (AVX-512 BF16 / AMX CPUs)")
     p.add_argument("--embedding-cache", default=None, metavar="DIR",
                    help="reuse / store raw embeddings here (keyed by model content, length, precision, prompt)")
     p.add_argument("--no-mlflow", action="store_true", help="print and write JSON only")
@@ -79,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       limit=args.limit, experiment=args.experiment, run_name=args.run_name, run_id=args.run_id,
                       output=args.output, ray_min_docs=args.ray_min_docs, ray_workers=args.ray_workers,
                       ray_gpus_per_worker=args.ray_gpus_per_worker, device=args.device,
-                      embedding_cache=args.embedding_cache, log_to_mlflow=not args.no_mlflow)  # fmt: skip
+                      cpu_bf16=args.cpu_bf16, embedding_cache=args.embedding_cache, log_to_mlflow=not args.no_mlflow)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

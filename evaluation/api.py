@@ -50,6 +50,7 @@ class EvalConfig:
     ray_workers: int = 2
     ray_gpus_per_worker: float = 0.0
     device: str | None = None
+    cpu_bf16: bool = False  # bf16 autocast on CPU: ~2.5x faster on AVX-512 BF16 CPUs, embeddings cos >= 0.9999 to fp32
     embedding_cache: str | None = None  # folder of raw embeddings shared with the mining teacher (ops.embedding_cache)
     log_to_mlflow: bool = True
 
@@ -133,7 +134,7 @@ def _embedding_suites(config: EvalConfig, params: dict[str, Any]) -> tuple[dict[
             dataset = task.metadata.dataset
             params[f"data/mteb/{task.metadata.name}"] = f"{dataset['path']} @ {dataset['revision']}"
 
-    spec = ModelSpec(config.model, max_length=config.max_length, device=config.device)
+    spec = ModelSpec(config.model, max_length=config.max_length, device=config.device, cpu_bf16=config.cpu_bf16)
     encoder = load_encoder(spec)
     encoder.embedding_cache = config.embedding_cache
     variants = [(None, False)] + parse_dims(config.dims, encoder.hidden_size)

@@ -32,6 +32,7 @@ class ModelSpec:
     max_length: int | None = None
     rotary_scaling_factor: float | None = None
     device: str | None = None
+    cpu_bf16: bool = False  # bf16 autocast on CPU (sentence-transformers models; fast with AVX-512 BF16 / AMX)
 
 
 def is_nomic_checkpoint(source: str | os.PathLike) -> bool:
@@ -151,6 +152,8 @@ class NomicEncoder(TextEncoder):
         self.hidden_size = self.embedder.config.hidden_size
         self.folder = str(spec.source) if Path(spec.source).is_dir() else None
         self.precision = f"{self.embedder.device.type}-{str(self.embedder.dtype).removeprefix('torch.')}"
+        if spec.cpu_bf16:
+            raise ValueError("cpu_bf16 is for sentence-transformers models; a Nomic model runs in its own dtype")
 
     def prompt(self, task: str | None) -> str:
         from nomicbert.embed import add_prefix
@@ -183,13 +186,14 @@ class SentenceTransformerEncoder(TextEncoder):
         self.model = SentenceTransformer(str(spec.source), device=device)
         if device.startswith("cuda"):
             self.model.to(torch.bfloat16)
+        self.autocast = spec.cpu_bf16 and device == "cpu"  # fp32 weights, bf16 matmuls
         if spec.max_length:
             self.model.max_seq_length = spec.max_length
         self.name, self.revision = str(spec.source), model_revision(spec.source)
         self.max_length = int(self.model.max_seq_length)
         self.hidden_size = int(self.model.get_embedding_dimension())
         self.folder = local_folder(str(spec.source))
-        self.precision = f"{device.split(':')[0]}-{'bf16' if device.startswith('cuda') else 'fp32'}"
+        self.precision = f"{device.split(':')[0]}-{'bf16' if device.startswith('cuda') or self.autocast else 'fp32'}"
 
     def prompt(self, task: str | None) -> str:
         return (self.model.prompts or {}).get(task, "") if task is not None else ""
@@ -201,8 +205,10 @@ class SentenceTransformerEncoder(TextEncoder):
 
     def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
         prompt = task if task is not None and task in (self.model.prompts or {}) else None
-        out = self.model.encode(list(texts), prompt_name=prompt, batch_size=32, convert_to_numpy=True,
-                                normalize_embeddings=False, show_progress_bar=False)  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model.encode(list(texts), prompt_name=prompt, batch_size=32, convert_to_tensor=True,
+                                    normalize_embeddings=False, show_progress_bar=False)  # fmt: skip
+        out = out.float().cpu().numpy()
         return np.asarray(out, dtype=np.float32)
 
     def _finalize(self, raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:

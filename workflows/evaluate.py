@@ -48,6 +48,7 @@ class EvaluateConfig:
     output: str | None = None  # folder for evaluation_table.md, results.json and score_vs_dim.png
     lineage: dict[str, dict[str, str]] = field(default_factory=dict)  # label -> lineage tags (the pipeline's)
     embedding_cache: str | None = None  # raw embeddings shared with the mining teacher (the pipeline sets it)
+    cpu_bf16: bool = False  # bf16 autocast on CPU (sentence-transformers models): evaluation.api.EvalConfig.cpu_bf16
 
 
 def resolve_model(source: str) -> str:
@@ -71,7 +72,7 @@ def run(config: EvaluateConfig) -> dict[str, dict[str, float]]:
     parent = mlflow.active_run()
     base = EvalConfig(model="", beir=config.beir, sts=config.sts, loco=config.loco, loco_lengths=config.loco_lengths,
                       limit=config.limit, max_length=config.max_length, experiment=config.experiment,
-                      embedding_cache=config.embedding_cache)  # fmt: skip
+                      embedding_cache=config.embedding_cache, cpu_bf16=config.cpu_bf16)  # fmt: skip
     jobs = []
     for label, source in [*config.models.items(), *config.baselines.items()]:
         ours = label in config.models

@@ -39,7 +39,7 @@ class RunSettings:
     cpus_per_worker: float
     worker_resources: dict[str, float]  # custom resources per worker: the node type trainers run on (cluster.yaml)
     data_resources: dict[str, float]  # custom resources per input-pipeline task: the node type data runs on
-    precision: Literal["fp32", "bf16"]  # bf16 autocast needs a GPU
+    precision: Literal["fp32", "bf16"]  # bf16 autocast: a GPU, or a CPU with AVX-512 BF16 / AMX (else slower than fp32)
     compile: bool  # torch.compile each encoder block (dynamic shapes: one graph for all packed batch sizes)
     checkpoint_every: int  # steps
     keep_checkpoints: int
@@ -50,8 +50,6 @@ class RunSettings:
     fault_step: int  # chaos test: rank 0 SIGKILLs itself at this step of the first attempt; 0 = off
 
     def __post_init__(self) -> None:
-        if self.precision == "bf16" and not self.use_gpu:
-            raise ValueError("run.precision=bf16 needs run.use_gpu=true (CPU training runs in fp32)")
         for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"run.{key} must be >= 1")
