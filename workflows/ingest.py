@@ -181,6 +181,14 @@ class EpochFeeder:
         skip = (first_batch - prepared_from) * (self.epochs.global_batch // self.world)
         return shard.split_at_indices([skip])[1] if skip else shard
 
+    def stats(self) -> dict[str, Any]:
+        """What the feeder costs: its peak memory (MB; it holds block references, never rows) and the epochs it
+        holds."""
+        import resource
+
+        return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "epochs_held": sorted(self.prepared)}  # fmt: skip
+
 
 def start_feeder(epochs: Epochs, world: int, num_epochs: int, name: str, resources: dict[str, float]):
     """The run's `EpochFeeder` as a named actor (0 CPUs; on the data node type when ``resources`` name it)."""
