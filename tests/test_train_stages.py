@@ -102,6 +102,23 @@ def test_finetune_with_hard_negatives_from_contrastive(workdir, shared_data, con
     assert np.isfinite(list(loss.values())).all() and loss[8] < loss[1]
 
 
+def test_finetune_refuses_rows_with_too_few_negatives_before_training(workdir, shared_data):
+    """A short row is found before the first step: counted by Ray Data, or from the mining manifest's guarantee."""
+    rows = pair_rows(shared_data, wiki=0, snli=32)
+    rows = [{**r, "negatives": r["negatives"] + [rows[i - 1]["document"], rows[i - 2]["document"]]}
+            for i, r in enumerate(rows)]  # fmt: skip
+    rows[5]["negatives"] = rows[5]["negatives"][:1]
+    data = make_pairs(rows, workdir / "short-triplets", negatives=True)
+    cfg = stage_config(finetune.FinetuneConfig, "finetune", workdir, data=str(data), global_batch=16, num_negatives=2)
+    with pytest.raises(ValueError, match="hold only 1 hard negatives.*min_negatives >= 2"):
+        contrastive.build_dataset(cfg)
+    (data / "manifest.json").write_text(json.dumps({"min_negatives": 1}))
+    with pytest.raises(ValueError, match="hold only 1 hard negatives"):
+        contrastive.build_dataset(cfg)
+    assert contrastive.build_dataset(stage_config(finetune.FinetuneConfig, "finetune", workdir, data=str(data),
+                                                  global_batch=16, num_negatives=1))[1].total_steps > 0
+
+
 def test_finetune_rejects_bad_combinations(workdir):
     with pytest.raises(ValueError, match="workflows.matryoshka"):
         stage_config(finetune.FinetuneConfig, "finetune", workdir, matryoshka_dims=[64], matryoshka_weights=[1])

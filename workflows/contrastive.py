@@ -206,6 +206,24 @@ class PrefixedPairs(ingest.ParquetEpochs):
         return AddPrefixes()
 
 
+def fewest_negatives(data: str, files: list[str]) -> int:
+    """The fewest hard negatives any row holds, checked before training rather than met at some step: from the
+    mining manifest's ``min_negatives`` (a guarantee of ops.mine_negatives), else counted by Ray Data (the driver
+    sees one number)."""
+    import ray
+
+    from ops.io import exists, join, read_manifest
+
+    if exists(join(data, "manifest.json")):
+        least = read_manifest(data).get("min_negatives")
+        if least is not None:
+            return int(least)
+    counts = ray.data.read_parquet(files, columns=["negatives"]).map_batches(
+        lambda batch: {"held": np.array([len(x) for x in batch["negatives"]], dtype=np.int64)}, batch_format="numpy")
+    fewest = counts.min("held")
+    return 0 if fewest is None else int(fewest)
+
+
 def build_dataset(cfg: ContrastiveConfig) -> tuple[PrefixedPairs, ingest.Schedule]:
     """Single-source global batches with prefixes, epoch by epoch, and the run's schedule."""
     import ray
@@ -217,6 +235,11 @@ def build_dataset(cfg: ContrastiveConfig) -> tuple[PrefixedPairs, ingest.Schedul
     if cfg.num_negatives:
         if "negatives" not in ray.data.read_parquet(files[0]).columns():
             raise ValueError(f"num_negatives={cfg.num_negatives} but {cfg.data} has no negatives column")
+        held = fewest_negatives(cfg.data, files)
+        if held < cfg.num_negatives:
+            raise ValueError(f"num_negatives={cfg.num_negatives} but some rows of {cfg.data} hold only {held} "
+                             f"hard negatives: use num_negatives <= {held}, or mine with "
+                             f"min_negatives >= {cfg.num_negatives}")  # fmt: skip
         columns.append("negatives")
     remote = ingest.data_remote_args(cfg.run.data_resources)
     index = ingest.index_parquet(files, "source", remote)
