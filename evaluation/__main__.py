@@ -48,8 +48,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="log into this existing MLflow run")
     p.add_argument("--output", default=None, help="write the numbers as JSON here")
     p.add_argument("--ray-min-docs", type=int, default=200_000, help="encode corpora this large with Ray Data")
+    p.add_argument("--ray-encode", action="store_true",
+                   help="encode every suite in a Ray Data actor pool (GPU actors with --ray-gpus-per-worker)")
     p.add_argument("--ray-workers", type=int, default=2)
     p.add_argument("--ray-gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--ray-cpus-per-worker", type=float, default=1.0)
     p.add_argument("--device", default=None)
     p.add_argument("--cpu-bf16", action="store_true",
                    help="bf16 autocast on CPU for sentence-transformers models (AVX-512 BF16 / AMX CPUs)")
@@ -80,8 +83,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                       rotary_scaling_factor=args.rotary_scaling_factor, dims=args.dims, max_length=args.max_length,
                       limit=args.limit, experiment=args.experiment, run_name=args.run_name, run_id=args.run_id,
                       output=args.output, ray_min_docs=args.ray_min_docs, ray_workers=args.ray_workers,
-                      ray_gpus_per_worker=args.ray_gpus_per_worker, device=args.device,
-                      cpu_bf16=args.cpu_bf16, embedding_cache=args.embedding_cache, log_to_mlflow=not args.no_mlflow)  # fmt: skip
+                      ray_gpus_per_worker=args.ray_gpus_per_worker, ray_encode=args.ray_encode,
+                      ray_cpus_per_worker=args.ray_cpus_per_worker, device=args.device, cpu_bf16=args.cpu_bf16,
+                      embedding_cache=args.embedding_cache, log_to_mlflow=not args.no_mlflow)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

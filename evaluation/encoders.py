@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +130,9 @@ class TextEncoder:
     def finalize(self, raw: np.ndarray, dim: int | None = None, binary: bool = False) -> np.ndarray:
         return self._finalize(raw, dim, binary)
 
+    def prefetch(self, work: Sequence[tuple[str | None, Sequence[str]]]) -> None:
+        """Encode every (task, texts) a suite will ask for at once; in-process encoding gains nothing from it."""
+
     def clear_cache(self) -> None:
         self._cache.clear()
         self._disk.clear()
@@ -166,9 +169,7 @@ class NomicEncoder(TextEncoder):
         return self.embedder.pool(self.embedder.tokenize(add_prefix(texts, task))).numpy()
 
     def _finalize(self, raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:
-        from nomicbert.embed import finalize
-
-        return finalize(torch.from_numpy(raw), self.embedder.config.embedding_recipe, dim, binary).numpy()
+        return finalize_nomic(raw, self.embedder.config.embedding_recipe, dim, binary)
 
     def set_max_length(self, max_length: int) -> None:
         self.embedder.max_length = self.max_length = max_length
@@ -212,10 +213,7 @@ class SentenceTransformerEncoder(TextEncoder):
         return np.asarray(out, dtype=np.float32)
 
     def _finalize(self, raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:
-        x = torch.from_numpy(raw[:, :dim] if dim is not None else raw)
-        if binary:
-            x = (x > 0).float()
-        return F.normalize(x.float(), dim=-1).numpy()
+        return finalize_plain(raw, dim, binary)
 
     def set_max_length(self, max_length: int) -> None:
         limit = int(self.model[0].auto_model.config.max_position_embeddings)
@@ -238,9 +236,139 @@ def local_folder(source: str) -> str | None:
         return None
 
 
-def load_encoder(spec: ModelSpec | str) -> TextEncoder:
-    """Our / Nomic checkpoints -> `NomicEncoder`; anything else -> `SentenceTransformerEncoder`."""
+def finalize_nomic(raw: np.ndarray, recipe: str, dim: int | None, binary: bool) -> np.ndarray:
+    """A Nomic model's raw (pooled) embeddings -> its recipe (v1 / v1.5 LayerNorm), first ``dim`` dims, L2."""
+    from nomicbert.embed import finalize
+
+    return finalize(torch.from_numpy(raw), recipe, dim, binary).numpy()
+
+
+def finalize_plain(raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:
+    """A sentence-transformers model's embeddings -> first ``dim`` dims (or sign bits), L2."""
+    x = torch.from_numpy(raw[:, :dim] if dim is not None else raw)
+    if binary:
+        x = (x > 0).float()
+    return F.normalize(x.float(), dim=-1).numpy()
+
+
+@dataclass(frozen=True)
+class RayPool:
+    """The Ray Data actor pool that encodes: ``workers`` actors, each holding the model once on ``num_gpus`` (GPU
+    nodes when > 0) and ``num_cpus``; ``batch_size`` texts per call."""
+
+    workers: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    batch_size: int = 256
+
+
+class _EncodeBatch:
+    """Ray Data actor: loads the model once, encodes batches of (task, text) rows ("" = no task), through the
+    shared embedding cache when there is one."""
+
+    def __init__(self, spec: ModelSpec, embedding_cache: str | None = None):
+        self.encoder = load_encoder(spec)
+        self.encoder.embedding_cache = embedding_cache
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tasks, texts = [str(t) or None for t in batch["task"]], list(batch["text"])
+        raw: list[np.ndarray] = [np.empty(0)] * len(texts)
+        for task in dict.fromkeys(tasks):
+            rows = [i for i, t in enumerate(tasks) if t == task]
+            for i, row in zip(rows, self.encoder.raw([texts[i] for i in rows], task), strict=True):
+                raw[i] = row
+        return {"row": batch["row"], "raw": np.stack(raw)}
+
+
+def encode_items_with_ray(spec: ModelSpec, items: Sequence[tuple[str | None, str]], workers: int,
+                          batch_size: int = 512, num_gpus: float = 0.0, num_cpus: float | None = None,
+                          embedding_cache: str | None = None) -> np.ndarray:  # fmt: skip
+    """Raw embeddings of (task, text) ``items`` (input order) from ``workers`` Ray Data actors (the teacher's
+    machinery, `ops.teacher.embed_dataset`): one job, so the actors load the model once for all of them. Rows are
+    sorted by length before batching so each batch packs similar lengths."""
+    import ray
+
+    order = sorted(range(len(items)), key=lambda i: len(items[i][1]))
+    rows = ray.data.from_items([{"row": i, "task": items[i][0] or "", "text": items[i][1]} for i in order])
+    out = rows.map_batches(_EncodeBatch, fn_constructor_args=(spec, embedding_cache), batch_size=batch_size,
+                           compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=num_gpus or None,
+                           num_cpus=num_cpus if num_cpus is not None else 0 if num_gpus else 1)  # fmt: skip
+    done = out.take_all()
+    result = np.zeros((len(items), len(done[0]["raw"])), dtype=np.float32)
+    for row in done:
+        result[row["row"]] = row["raw"]
+    return result
+
+
+def encode_with_ray(spec: ModelSpec, texts: Sequence[str], task: str | None, workers: int, batch_size: int = 512,
+                    num_gpus: float = 0.0, num_cpus: float | None = None) -> np.ndarray:  # fmt: skip
+    """Raw embeddings of ``texts`` (input order), all with ``task``, from ``workers`` Ray Data actors."""
+    return encode_items_with_ray(spec, [(task, text) for text in texts], workers, batch_size, num_gpus, num_cpus)
+
+
+def describe(spec: ModelSpec) -> dict[str, object]:
+    """What the driver needs to know of a model without holding it (run as a Ray task beside the pool)."""
+    encoder = load_encoder(spec)
+    about = {"name": encoder.name, "revision": encoder.revision, "max_length": encoder.max_length,
+             "hidden_size": encoder.hidden_size, "is_nomic": encoder.is_nomic,
+             "uses_task_prompts": encoder.uses_task_prompts}  # fmt: skip
+    if isinstance(encoder, NomicEncoder):
+        about.update(recipe=encoder.embedder.config.embedding_recipe, max_positions=None)
+    else:
+        about.update(recipe=None, max_positions=int(encoder.model[0].auto_model.config.max_position_embeddings))
+    return about
+
+
+class RayDataEncoder(TextEncoder):
+    """Encodes in a Ray Data actor pool (`RayPool`: GPU actors when it asks for GPUs), never in this process; only
+    the raw embeddings come back, and every Matryoshka dim / binary variant is derived from them here."""
+
+    def __init__(self, spec: ModelSpec, pool: RayPool):
+        super().__init__()
+        import ray
+
+        self.spec, self.pool = spec, pool
+        about = ray.get(ray.remote(describe).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus).remote(spec))
+        self.name, self.revision = str(about["name"]), str(about["revision"])
+        self.max_length, self.hidden_size = int(about["max_length"]), int(about["hidden_size"])
+        self.is_nomic, self._prompts = bool(about["is_nomic"]), bool(about["uses_task_prompts"])
+        self.recipe, self.max_positions = about["recipe"], about["max_positions"]
+
+    @property
+    def uses_task_prompts(self) -> bool:
+        return self._prompts
+
+    def _raw(self, texts: Sequence[str], task: str | None) -> np.ndarray:
+        return self._encode([(task, text) for text in texts])
+
+    def _encode(self, items: Sequence[tuple[str | None, str]]) -> np.ndarray:
+        return encode_items_with_ray(self.spec, items, self.pool.workers, self.pool.batch_size, self.pool.num_gpus,
+                                     self.pool.num_cpus, self.embedding_cache)  # fmt: skip
+
+    def prefetch(self, work: Sequence[tuple[str | None, Sequence[str]]]) -> None:
+        """One Ray Data job for everything the suites will ask (an actor pool starts and loads the model once)."""
+        missing = list(dict.fromkeys((task, t) for task, texts in work for t in texts if (task, t) not in self._cache))
+        if missing:
+            self._cache.update(zip(missing, self._encode(missing), strict=True))
+
+    def _finalize(self, raw: np.ndarray, dim: int | None, binary: bool) -> np.ndarray:
+        return finalize_nomic(raw, self.recipe, dim, binary) if self.is_nomic else finalize_plain(raw, dim, binary)
+
+    def set_max_length(self, max_length: int) -> None:
+        if self.max_positions is not None and max_length > self.max_positions:
+            log.warning("%s has %d positions; encoding at %d tokens instead of %d", self.name, self.max_positions,
+                        self.max_positions, max_length)  # fmt: skip
+            max_length = self.max_positions
+        self.spec, self.max_length = replace(self.spec, max_length=max_length), max_length
+        self.clear_cache()
+
+
+def load_encoder(spec: ModelSpec | str, pool: RayPool | None = None) -> TextEncoder:
+    """Our / Nomic checkpoints -> `NomicEncoder`; anything else -> `SentenceTransformerEncoder`; with ``pool``, the
+    same model in a Ray Data actor pool (`RayDataEncoder`)."""
     spec = ModelSpec(spec) if isinstance(spec, str) else spec
+    if pool is not None:
+        return RayDataEncoder(spec, pool)
     if not Path(spec.source).exists() and str(spec.source).startswith((".", "/")):
         raise FileNotFoundError(f"model folder {spec.source} does not exist")
     if is_nomic_checkpoint(spec.source):

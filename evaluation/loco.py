@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.data import DataError, RetrievalData, load_beir, load_qmsum, task_name
-from evaluation.encoders import ModelSpec, TextEncoder, load_encoder
+from evaluation.encoders import ModelSpec, RayPool, TextEncoder, load_encoder
 from evaluation.retrieval import evaluate_retrieval
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,15 @@ def load_long_task(path: str | Path, limit: int | None = None) -> RetrievalData:
 
 
 def long_context_encoder(source: str, max_length: int, rotary_scaling_factor: float | None,
-                         device: str | None = None) -> TextEncoder:  # fmt: skip
+                         device: str | None = None, pool: RayPool | None = None) -> TextEncoder:  # fmt: skip
     return load_encoder(ModelSpec(source, max_length=max_length, rotary_scaling_factor=rotary_scaling_factor,
-                                  device=device))  # fmt: skip
+                                  device=device), pool)  # fmt: skip
 
 
 def evaluate_loco(source: str, tasks: Sequence[RetrievalData], lengths: Sequence[int],
                   rotary_scaling_factor: float | None = 2.0, device: str | None = None,
-                  mteb_tasks: Sequence[Any] = (), dims: Sequence[str] = ()) -> dict[str, float]:  # fmt: skip
+                  mteb_tasks: Sequence[Any] = (), dims: Sequence[str] = (),
+                  pool: RayPool | None = None) -> dict[str, float]:  # fmt: skip
     """``loco/<task>/<metric>/<length>`` for every task and length (one model load, re-truncated per length),
     and ``mrl/<dim|binary>/loco/...`` for the ``dims`` sweep of the local tasks.
 
@@ -49,7 +50,7 @@ def evaluate_loco(source: str, tasks: Sequence[RetrievalData], lengths: Sequence
     from evaluation.api import parse_dims, variant_prefix
     from evaluation.mteb_suite import evaluate_mteb
 
-    encoder = long_context_encoder(source, max(lengths), rotary_scaling_factor, device)
+    encoder = long_context_encoder(source, max(lengths), rotary_scaling_factor, device, pool)
     variants = [(None, False)] + parse_dims(list(dims), encoder.hidden_size)
     metrics: dict[str, float] = {}
     for length in sorted(lengths):
@@ -68,13 +69,13 @@ def evaluate_loco(source: str, tasks: Sequence[RetrievalData], lengths: Sequence
 
 
 def evaluate_jina(source: str, lengths: Sequence[int] = JINA_LENGTHS, rotary_scaling_factor: float | None = 2.0,
-                  device: str | None = None) -> dict[str, float]:  # fmt: skip
+                  device: str | None = None, pool: RayPool | None = None) -> dict[str, float]:  # fmt: skip
     """The four Jina long-context MTEB tasks (needs the Hub) -> ``jina/<task>/main_score/<length>``."""
     import mteb
 
     from evaluation.mteb_suite import evaluate_mteb
 
-    encoder = long_context_encoder(source, max(lengths), rotary_scaling_factor, device)
+    encoder = long_context_encoder(source, max(lengths), rotary_scaling_factor, device, pool)
     metrics: dict[str, float] = {}
     tasks: list[Any] = [mteb.get_task(name) for name in JINA_TASKS]
     for length in sorted(lengths):

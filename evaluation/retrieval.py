@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from evaluation.data import PairData, RetrievalData
-from evaluation.encoders import ModelSpec, TextEncoder, load_encoder
+from evaluation.encoders import ModelSpec, TextEncoder, encode_with_ray
 
 log = logging.getLogger(__name__)
 
@@ -51,36 +51,18 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
     return {"ndcg_at_10": ndcg, "recall_at_100": recall, "mrr_at_10": mrr / n}
 
 
-class _EncodeBatch:
-    """Ray Data actor: loads the model once, encodes batches of document texts."""
-
-    def __init__(self, spec: ModelSpec, task: str | None):
-        self.encoder = load_encoder(spec)
-        self.task = task
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raw = self.encoder.raw(list(batch["text"]), self.task)
-        return {"row": batch["row"], "raw": raw}
-
-
-def encode_with_ray(spec: ModelSpec, texts: Sequence[str], task: str | None, workers: int, batch_size: int = 512,
-                    num_gpus: float = 0.0) -> np.ndarray:  # fmt: skip
-    """Raw embeddings of ``texts`` (input order) from ``workers`` Ray Data actors.
-
-    Rows are sorted by length before batching so each batch pads (or packs) similar lengths.
-    """
-    import ray
-
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    items = ray.data.from_items([{"row": i, "text": texts[i]} for i in order])
-    out = items.map_batches(_EncodeBatch, fn_constructor_args=(spec, task), batch_size=batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=num_gpus,
-                            num_cpus=0 if num_gpus else 1)  # fmt: skip
-    rows = out.take_all()
-    result = np.zeros((len(texts), len(rows[0]["raw"])), dtype=np.float32)
-    for row in rows:
-        result[row["row"]] = row["raw"]
-    return result
+def encoding_work(encoder: TextEncoder, beir: Sequence[RetrievalData],
+                  sts: Sequence[PairData]) -> list[tuple[str | None, list[str]]]:  # fmt: skip
+    """Every (task, texts) that `evaluate_retrieval` and `evaluate_sts` (default tasks) will ask of ``encoder``, so
+    an encoder in a Ray Data actor pool encodes them in one job (`TextEncoder.prefetch`)."""
+    prompts = encoder.uses_task_prompts
+    work: list[tuple[str | None, list[str]]] = []
+    for data in beir:
+        work.append(("search_document" if prompts else None, data.document_texts(list(data.corpus))))
+        work.append(("search_query" if prompts else None, list(data.queries.values())))
+    for pairs in sts:
+        work.append(("classification" if prompts else None, [*pairs.sentence1, *pairs.sentence2]))
+    return work
 
 
 def evaluate_retrieval(encoder: TextEncoder, data: RetrievalData, variants: Sequence[tuple[int | None, bool]],

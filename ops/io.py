@@ -69,7 +69,7 @@ def local_copy(path: str) -> str:
     while the remote listing (names, sizes, modification times) is unchanged, so every process on a node
     downloads a checkpoint once and a rewritten one is fetched again."""
     if not is_remote(path):
-        return path
+        return path.removeprefix("file://")
     fs, remote = resolve(path)
     info = fs.get_file_info(remote)
     if info.type == pafs.FileType.NotFound:

@@ -6,6 +6,8 @@
   final model is registered: `mlflow.sentence_transformers.load_model("models:/nomic-embed-text/1")` and the
   pyfunc that `mlflow models serve` runs give the embeddings of `python -m nomicbert embed`; the registered
   artifacts hold the model, not the optimizer state.
+- The evaluate stage, under the pipeline's parent run, scores a BEIR set given by an s3:// URI (moto's S3 server;
+  its settings travel in the runtime env too) and an mteb task built from local data, encoding in Ray Data actors.
 
 Marker ``cluster``: a separate pytest process (see the Makefile). One head and one server for the module."""
 
@@ -117,3 +119,48 @@ def embed_cli(model: Path, tmp: Path) -> np.ndarray:
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return np.load(tmp / "emb.npy")
+
+
+def test_the_evaluate_stage_scores_a_beir_uri_and_an_mteb_task_under_one_parent_run(ray_head, server, tmp_path,
+                                                                                     shared_data):  # fmt: skip
+    from mlflow import MlflowClient
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs as pafs
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        aws = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        s3 = pafs.S3FileSystem(endpoint_override=aws["AWS_ENDPOINT_URL"], scheme="http", region="us-east-1",
+                               access_key="test", secret_key="test", allow_bucket_creation=True)  # fmt: skip
+        s3.create_dir("eval-sets")
+        pafs.copy_files(str(shared_data / "scifact"), "eval-sets/scifact", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=s3)  # fmt: skip
+        evaluate = tmp_path / "evaluate.yaml"
+        evaluate.write_text(yaml.safe_dump({
+            "models": {}, "baselines": {"minilm": "minilm"}, "beir": ["scifact=s3://eval-sets/scifact"],
+            "mteb": [f"scifact-mteb={shared_data / 'scifact'}"], "limit": 8, "max_length": 128,
+            "experiment": "cluster-eval", "encode": {"workers": 1, "num_gpus": 0.0, "num_cpus": 1.0, "batch_size": 64},
+        }))  # fmt: skip
+        pipeline = tmp_path / "pipeline.yaml"
+        pipeline.write_text(yaml.safe_dump({"name": "eval-on-cluster", "storage": str(tmp_path / "storage"),
+                                            "experiment": "cluster-eval",
+                                            "stages": {"evaluate": {"config": str(evaluate)}}}))  # fmt: skip
+        submit(ray_head, {"env_vars": {"MLFLOW_TRACKING_URI": server, **aws}},
+               "python", "-m", "workflows.pipeline", "--config", str(pipeline))
+    finally:
+        moto.stop()
+
+    client = MlflowClient(server)
+    experiment = client.get_experiment_by_name("cluster-eval")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    parent, stage, minilm = runs["eval-on-cluster"], runs["evaluate"], runs["eval minilm"]
+    assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert minilm.data.tags["mlflow.parentRunId"] == stage.info.run_id
+    metrics = minilm.data.metrics
+    assert 0.3 < metrics["beir/scifact/ndcg_at_10"] <= 1.0
+    assert 0.3 < metrics["mteb/scifact-mteb/ndcg_at_10"] <= 1.0
+    assert "scifact" in minilm.data.params["data/beir/scifact"]
+    assert (tmp_path / "storage" / "evaluate" / "results.json").is_file()

@@ -6,7 +6,9 @@ variables; the Dockerfile naming only things that exist."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -173,3 +175,19 @@ def test_the_dockerfile_names_only_what_exists_and_never_builds_flash_attn():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
+
+
+def test_the_cluster_pipeline_configs_wire_and_validate(tmp_path):
+    """Every stage config of the cluster pipelines, wired under a storage root, passes its own schema."""
+    from ops.config import load_config
+    from workflows.pipeline import STAGES, PipelineConfig, stage_config
+
+    for name in ("pipeline_8gpu.yaml", "pipeline_multinode.yaml"):
+        config = load_config(PipelineConfig, ROOT / "workflows" / "configs" / name, ["storage=s3://bucket/root"])
+        done = {"mlm_data": {"output": "s3://bucket/root/mlm_data"}, "pair_data": {"output": "s3://bucket/root/p"},
+                "mine_negatives": {"output": "s3://bucket/root/m"}, **{s: {"model": f"s3://bucket/root/{s}/model", "lineage": {}}
+                for s in ("mlm", "contrastive", "finetune", "matryoshka")}}  # fmt: skip
+        for stage in (s for s in STAGES if s.name in config.stages):
+            cfg = stage_config(stage, config.stages[stage.name], config.storage, done)
+            assert "../" not in yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg), default=str)))
+        assert cfg.encode.num_gpus == 1 and cfg.mteb == ["MTEB(eng, v1)"] and cfg.glue.data_dir is None

@@ -10,8 +10,9 @@ import pytest
 from evaluation import EvalConfig, run
 from evaluation.compare import collect
 from evaluation.data import load_beir
-from evaluation.encoders import ModelSpec, NomicEncoder, SentenceTransformerEncoder, load_encoder
-from evaluation.retrieval import encode_with_ray, retrieval_metrics
+from evaluation.encoders import (ModelSpec, NomicEncoder, RayDataEncoder, RayPool, SentenceTransformerEncoder,
+                                 load_encoder)
+from evaluation.retrieval import retrieval_metrics
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +101,13 @@ def test_encoders_dispatch_and_ray_data_matches_in_process(tiny_checkpoint, mini
     data = load_beir(shared_data / "scifact", limit_queries=3, limit_corpus=40)
     texts = data.document_texts(list(data.corpus))
     local = encoder.raw(texts, "search_document")
-    distributed = encode_with_ray(ModelSpec(str(tiny_checkpoint)), texts, "search_document", workers=2, batch_size=16)
-    np.testing.assert_allclose(distributed, local, atol=1e-5)
+    queries = list(data.queries.values())
+    remote = load_encoder(ModelSpec(str(tiny_checkpoint)), RayPool(workers=2, batch_size=16))
+    assert isinstance(remote, RayDataEncoder) and (remote.hidden_size, remote.is_nomic) == (encoder.hidden_size, True)
+    remote.prefetch([("search_document", texts), ("search_query", queries)])  # one Ray Data job for both tasks
+    np.testing.assert_allclose(remote.raw(texts, "search_document"), local, atol=1e-5)
+    np.testing.assert_allclose(remote.encode(queries, "search_query", binary=True),
+                               encoder.encode(queries, "search_query", binary=True), atol=1e-5)  # fmt: skip
     # the prefix matters: documents and queries are encoded differently
     assert not np.allclose(encoder.raw(texts[:2], "search_query"), local[:2])
 
