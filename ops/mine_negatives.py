@@ -46,6 +46,7 @@ class MineNegativesConfig:
     seed: int = 42
     max_chars: int = 100_000
     num_cpus: float = 1.0  # per read task
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per read task, e.g. {data_node: 1}
     overwrite: bool = False
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ class MlmDataConfig:
     docs_per_pack: int = 1000  # documents concatenated per packing batch (reference: datasets.map default 1000)
     max_doc_chars: int = 5_000_000  # longer documents are quarantined as "too_long" (Moby-Dick is 1.2M)
     num_cpus: float = 1.0  # logical CPUs per read and per tokenize+pack task
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per task, e.g. {data_node: 1}
     workers: int | None = None  # at most this many tokenize+pack tasks at once (None: as many as CPUs allow)
     preserve_order: bool = True  # rows in input order (reproducible); false is a little faster
     overwrite: bool = False
@@ -49,9 +50,9 @@ def tokenize_and_pack(ds, config: MlmDataConfig, stats_output: str | None = None
 
     compute = ray.data.TaskPoolStrategy(size=config.workers) if config.workers else None
     return ds.map_batches(Tokenize(config.tokenizer), batch_size=config.docs_per_pack, batch_format="pyarrow",
-                          num_cpus=config.num_cpus, compute=compute).map_batches(
+                          num_cpus=config.num_cpus, compute=compute, resources=config.resources).map_batches(
         Pack(config.row_length, stats_output), batch_size=config.docs_per_pack, batch_format="pyarrow",
-        num_cpus=config.num_cpus, compute=compute)  # fmt: skip
+        num_cpus=config.num_cpus, compute=compute, resources=config.resources)  # fmt: skip
 
 
 def pack_stats(output: str) -> dict[str, int]:
@@ -75,7 +76,8 @@ def run(config: MlmDataConfig) -> dict:
     ensure_ray()
     data_context(config.preserve_order)
     io.prepare_output(config.output, config.overwrite)
-    ds = read_sources(config.sources, "text", config.output, config.max_doc_chars, config.num_cpus, plans)
+    ds = read_sources(config.sources, "text", config.output, config.max_doc_chars, config.num_cpus, plans,
+                      config.resources)
     io.write_parts(tokenize_and_pack(ds, config, config.output), config.output, "mlm_data", len(plans))
     rows_out = io.finalize(config.output)
     stats = io.sum_stats(io.collect_stats(config.output))

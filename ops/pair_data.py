@@ -43,6 +43,7 @@ class PairDataConfig:
     search_cpus: float = 0.25  # logical CPUs per search actor (its matmul uses the node's cores or its GPU anyway)
     max_chars: int = 100_000  # longer texts are quarantined as "too_long"
     num_cpus: float = 1.0  # per read task
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per read/map task, e.g. {data_node: 1}
     preserve_order: bool = True
     save_embeddings: bool = False  # also write the teacher embeddings to <output>/embeddings/ (audits, tests)
     overwrite: bool = False
@@ -56,8 +57,10 @@ class PairDataConfig:
 def read_pairs(config: PairDataConfig, plans: list[FilePlan]):
     """Valid rows of every source with their prefix names (lazy)."""
     prefixes = {s.name: (s.query_prefix, s.document_prefix) for s in config.sources}
-    ds = read_sources(config.sources, "pairs", config.output, config.max_chars, config.num_cpus, plans)
-    return ds.map_batches(AttachPrefixNames(prefixes), batch_format="pyarrow", num_cpus=config.num_cpus)
+    ds = read_sources(config.sources, "pairs", config.output, config.max_chars, config.num_cpus, plans,
+                      config.resources)
+    return ds.map_batches(AttachPrefixNames(prefixes), batch_format="pyarrow", num_cpus=config.num_cpus,
+                          resources=config.resources)
 
 
 def chunk_sizes(n: int, chunk_size: int) -> int:
@@ -150,7 +153,8 @@ def run(config: PairDataConfig) -> dict:
     if config.consistency_filter:
         index = row_index(pairs, id_column="key")  # a cheap first pass over the sources: keys and sources
         chunks = AssignChunks(index, config.chunk_size)
-        embedded = embed_dataset(pairs.map_batches(chunks, batch_format="pyarrow", num_cpus=config.num_cpus),
+        embedded = embed_dataset(pairs.map_batches(chunks, batch_format="pyarrow", num_cpus=config.num_cpus,
+                                                   resources=config.resources),
                                  ["query", "document"], config.teacher)  # fmt: skip
         pairs = consistency_filter(embedded, chunks.num_chunks, config.top_k, config.search_actors,
                                    config.search_cpus, config.teacher.num_gpus, keep_embeddings=config.save_embeddings)

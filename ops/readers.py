@@ -391,12 +391,14 @@ class ReadFiles:
 
 
 def read_sources(sources: list[SourceConfig], kind: Literal["text", "pairs"], output: str, max_chars: int,
-                 num_cpus: float = 1.0, plans: list[FilePlan] | None = None):  # fmt: skip
-    """Lazy Ray dataset of valid rows of all sources (file order kept when the context preserves order)."""
+                 num_cpus: float = 1.0, plans: list[FilePlan] | None = None,
+                 resources: dict[str, float] | None = None):  # fmt: skip
+    """Lazy Ray dataset of valid rows of all sources (file order kept when the context preserves order); each read
+    task asks ``resources`` too (e.g. ``{data_node: 1}``: the data node type of cluster.yaml)."""
     import ray
 
     plans = plans if plans is not None else preflight(sources, kind)
     items = [dataclasses.asdict(p) for p in plans]
     reader = ReadFiles({s.name: dataclasses.asdict(s) for s in sources}, kind, output, max_chars)
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        reader, batch_size=1, batch_format="numpy", num_cpus=num_cpus)
+        reader, batch_size=1, batch_format="numpy", num_cpus=num_cpus, resources=resources or {})
