@@ -237,7 +237,8 @@ def run(config: EvalConfig) -> dict[str, float]:
 
             online = [mteb.get_task(item[len("mteb:") :]) for item in config.loco if item.startswith("mteb:")]
         metrics.update(evaluate_loco(config.model, tasks, config.loco_lengths, config.rotary_scaling_factor,
-                                     config.device, mteb_tasks=online, dims=config.dims, pool=ray_pool(config)))  # fmt: skip
+                                     config.device, mteb_tasks=online, dims=config.dims,
+                                     pool=ray_pool(config)))  # fmt: skip
     if config.jina:
         from evaluation.loco import evaluate_jina
 

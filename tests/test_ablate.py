@@ -13,7 +13,7 @@ from nomicbert.checkpoint import save_pretrained
 from nomicbert.config import tiny
 from nomicbert.model import NomicBertModel
 from nomicbert.tokenizer import load_tokenizer
-from ops.config import load_config
+from ops.config import ConfigError, load_config
 from workflows import ablate
 
 
@@ -22,8 +22,10 @@ def ablate_config(tmp, shared_data, data, init, **overrides):
         "finetune_overrides": [f"data={data}", f"init_checkpoint={init}", "global_batch=16", "max_steps=2",
                                "run.num_workers=0", "run.log_every=1", "optim.warmup_steps=1"],
         "num_negatives": [0, 1], "mixtures": {"all": None},
-        "evaluate.sts": [f"stsb={shared_data / 'stsb' / 'test.tsv'}"], "evaluate.beir": [], "evaluate.limit": 30,
-        "metric": "sts/stsb/spearman", "storage_path": str(tmp / "ablate"), "experiment": "ablate-test",
+        "evaluate.sts": [f"stsb-dev={shared_data / 'stsb' / 'dev.tsv'}"], "evaluate.beir": [], "evaluate.limit": 30,
+        "metric": "sts/stsb-dev/spearman", "report.sts": [f"stsb={shared_data / 'stsb' / 'test.tsv'}"],
+        "report.beir": [], "report_metric": "sts/stsb/spearman", "storage_path": str(tmp / "ablate"),
+        "experiment": "ablate-test",
         "name": "ablate-test", "trial_cpus": 0.01,  # the trial task trains in-process; Ray Data needs the 2 CPUs
     }  # fmt: skip
     items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in {**base, **overrides}.items()]
@@ -50,14 +52,18 @@ def test_negatives_grid_logs_one_child_run_per_trial(tmp_path, shared_data, ray_
     parent = mlflow.get_run(result["parent_run_id"])
     assert parent.data.tags["best_trial"] == f"negatives={best['num_negatives']},mixture=all"
     assert parent.data.metrics["ablate/best_score"] == pytest.approx(best["score"])
+    # chosen on the dev split; the test split's score of the same trial logged beside it
+    assert parent.data.tags["selected_on"] == "validation" and parent.data.tags["report_metric"] == "sts/stsb/spearman"
+    assert parent.data.metrics["ablate/best_test_score"] == pytest.approx(best["test_score"])
     children = mlflow.search_runs([result["experiment_id"]], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")  # fmt: skip
     assert sorted(c.info.run_name for c in children) == ["negatives=0,mixture=all", "negatives=1,mixture=all"]
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["num_negatives"] in ("0", "1") and child.data.params["mixture"] == "all"
-        assert -1 <= child.data.metrics["sts/stsb/spearman"] <= 1
-        assert child.data.metrics["ablate/score"] == child.data.metrics["sts/stsb/spearman"]
+        assert -1 <= child.data.metrics["sts/stsb-dev/spearman"] <= 1
+        assert child.data.metrics["ablate/score"] == child.data.metrics["sts/stsb-dev/spearman"]
+        assert child.data.metrics["ablate/test_score"] == child.data.metrics["sts/stsb/spearman"]
         assert "finetune/loss" in child.data.metrics
     # the job left mlflow's process-wide tracking URI alone: a later store in this process is not redirected
     with pytest.MonkeyPatch.context() as patch:
@@ -71,3 +77,14 @@ def test_rejects_more_negatives_than_the_data_holds(tmp_path, shared_data, tiny_
         ablate.run(ablate_config(tmp_path, shared_data, data, init, num_negatives=[1, 3]))
     with pytest.raises(ValueError, match="not in"):
         ablate.run(ablate_config(tmp_path, shared_data, data, init, mixtures={"nowiki": {"wikipedia": 1.0}}))
+
+
+def test_the_best_trial_is_never_chosen_on_a_test_split(tmp_path, shared_data):
+    with pytest.raises(ConfigError, match="not a validation split"):
+        ablate_config(tmp_path, shared_data, "data", "init", **{"evaluate.sts": [f"stsb={shared_data}/stsb/test.tsv"]})
+    with pytest.raises(ConfigError, match="not a validation split"):
+        ablate_config(tmp_path, shared_data, "data", "init", **{"evaluate.beir": [f"{shared_data}/scifact"]})
+    ablate_config(tmp_path, shared_data, "data", "init", **{"evaluate.beir": [f"{tmp_path}/split/validation"]})
+    with pytest.raises(ConfigError, match="also validation names"):
+        ablate_config(tmp_path, shared_data, "data", "init",
+                      **{"report.sts": [f"stsb-dev={shared_data}/stsb/test.tsv"]})  # fmt: skip

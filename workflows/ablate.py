@@ -7,8 +7,11 @@ Every trial is a real `workflows.finetune` run (the finetune YAML + ``finetune_o
 ``num_negatives`` and ``source_weights``) followed by `evaluation.run` on the ``evaluate`` suites; the trial
 reports ``metric`` to Tune. MLflow: one parent run (``name``) in ``experiment``; every trial is a child run named
 ``negatives=<n>,mixture=<name>`` with params ``num_negatives``, ``mixture``, the whole finetune config, the
-training metrics and the evaluation scores. The best trial is printed, tagged on the parent run
-(``best_trial``, ``best_num_negatives``, ``best_mixture``) and returned.
+training metrics and the evaluation scores. The best trial is chosen on held-out validation data only
+(``evaluate``: BEIR validation folders of `evaluation.beir_split`, STS dev files; a test split there is an error),
+printed, tagged on the parent run (``best_trial``, ``best_num_negatives``, ``best_mixture``, ``selected_on``) and
+returned; the test splits of ``report`` are scored in the same evaluation run and logged beside the choice
+(``ablate/test_score`` per trial, ``ablate/best_test_score`` on the parent), never used to make it.
 
 Scheduling: a grid search with no early-stopping scheduler. The score being compared is an evaluation run after
 training; the training loop reports into Ray Train, not Tune, so there is no intermediate value of that score
@@ -32,11 +35,36 @@ from typing import Any, Literal
 from workflows import finetune
 
 
+VALIDATION_NAMES = ("validation", "dev", "val")
+
+
 @dataclass
 class AblateEval:
-    beir: list[str] = field(default_factory=list)  # [NAME=]PATH BEIR folders
-    sts: list[str] = field(default_factory=list)  # [NAME=]PATH STS pair files
+    """The suites that pick the best trial: held-out validation data only, never a test split (``report``
+    scores the test split beside it, never used to choose)."""
+
+    beir: list[str] = field(default_factory=list)  # [NAME=]PATH validation/ folders of `evaluation.beir_split`
+    sts: list[str] = field(default_factory=list)  # [NAME=]PATH STS dev/validation files
     limit: int | None = None  # first N queries / pairs of each task (CI)
+
+    def __post_init__(self) -> None:
+        for kind, items in (("beir", self.beir), ("sts", self.sts)):
+            for item in items:
+                path = item.rpartition("=")[2]
+                if not any(part in VALIDATION_NAMES for part in Path(path).stem.lower().replace("_", "-").split("-")):
+                    raise ValueError(f"evaluate.{kind}: {path} is not a validation split; the best trial is chosen "
+                                     f"on held-out validation data ({'/'.join(VALIDATION_NAMES)} in the name: "
+                                     "`python -m evaluation.beir_split` makes one from a BEIR set's train queries, "
+                                     "STS-B has dev.tsv), never on the test split it is reported on")  # fmt: skip
+
+
+@dataclass
+class AblateReport:
+    """Test splits scored for every trial in the same evaluation run and logged beside the validation score
+    (``ablate/test_score`` = ``report_metric``): what the chosen trial scores where it will be reported."""
+
+    beir: list[str] = field(default_factory=list)  # [NAME=]PATH BEIR folders (their test qrels)
+    sts: list[str] = field(default_factory=list)  # [NAME=]PATH STS test files
 
 
 @dataclass
@@ -54,6 +82,8 @@ class AblateConfig:
     storage_path: str  # Tune results, trial checkpoints and trained models
     experiment: str  # MLflow experiment of the parent and child runs
     name: str  # Tune run name and MLflow parent run name
+    report: AblateReport = field(default_factory=AblateReport)
+    report_metric: str | None = None  # a metric of the report suites, e.g. beir/scifact/ndcg_at_10
 
     def __post_init__(self) -> None:
         if not self.num_negatives or min(self.num_negatives) < 0:
@@ -65,6 +95,12 @@ class AblateConfig:
                 raise ValueError(f"mixture {name!r}: weights must be >= 0 with a positive sum (or null)")
         if not (self.evaluate.beir or self.evaluate.sts):
             raise ValueError("evaluate needs at least one beir or sts task to score the trials")
+        names = lambda items: {item.partition("=")[0] for item in items if "=" in item}  # noqa: E731
+        clash = names(self.evaluate.beir + self.evaluate.sts) & names(self.report.beir + self.report.sts)
+        if clash:
+            raise ValueError(f"report names {sorted(clash)} are also validation names; name the test sets apart")
+        if self.report_metric and not (self.report.beir or self.report.sts):
+            raise ValueError("report_metric needs report.beir or report.sts (the test splits it is read from)")
         if self.trial_cpus <= 0 or self.trial_gpus < 0 or self.max_concurrent_trials < 1:
             raise ValueError("trial_cpus must be > 0, trial_gpus >= 0, max_concurrent_trials >= 1")
 
@@ -157,13 +193,17 @@ def fine_tune_and_evaluate(params: dict[str, Any], setup: dict[str, Any], trial_
                            **{f"finetune.{k}": str(v)[:500] for k, v in flatten(cfg).items()
                               if k not in ("num_negatives",)}})  # fmt: skip
         result = finetune.run(cfg)  # logs its metrics and model into this (active) run
-        scores = evaluate(EvalConfig(model=result["model"], beir=list(config.evaluate.beir),
-                                     sts=list(config.evaluate.sts), limit=config.evaluate.limit,
+        # one evaluation run (one model load) scores the validation suites and the report (test) suites
+        scores = evaluate(EvalConfig(model=result["model"], beir=[*config.evaluate.beir, *config.report.beir],
+                                     sts=[*config.evaluate.sts, *config.report.sts], limit=config.evaluate.limit,
                                      experiment=config.experiment, log_to_mlflow=True))  # fmt: skip
-        if config.metric not in scores:
-            raise KeyError(f"metric {config.metric!r} not among the evaluation scores {sorted(scores)}")
-        mlflow.log_metric("ablate/score", scores[config.metric])
-        return {"score": scores[config.metric], "steps": result["steps"],
+        for metric in filter(None, (config.metric, config.report_metric)):
+            if metric not in scores:
+                raise KeyError(f"metric {metric!r} not among the evaluation scores {sorted(scores)}")
+        test_score = scores[config.report_metric] if config.report_metric else None
+        mlflow.log_metrics({"ablate/score": scores[config.metric],
+                            **({"ablate/test_score": test_score} if test_score is not None else {})})  # fmt: skip
+        return {"score": scores[config.metric], "test_score": test_score, "steps": result["steps"],
                 "mlflow_run_id": mlflow.active_run().info.run_id,
                 **{f"train_{k}": v for k, v in numeric(result["metrics"]).items() if "/" not in k}}
 
@@ -207,6 +247,7 @@ def run(config: AblateConfig) -> dict[str, Any]:
         for result in grid:
             entry = {"num_negatives": result.config["num_negatives"], "mixture": result.config["mixture"],
                      "score": (result.metrics or {}).get("score"),
+                     "test_score": (result.metrics or {}).get("test_score"),
                      "mlflow_run_id": (result.metrics or {}).get("mlflow_run_id"),
                      "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"}
             trials.append(entry)
@@ -216,14 +257,18 @@ def run(config: AblateConfig) -> dict[str, Any]:
             raise RuntimeError(f"every ablation trial failed: {[t['error'] for t in trials]}")
         best = (max if config.mode == "max" else min)(done, key=lambda t: t["score"])
         best = {**best, "source_weights": config.mixtures[best["mixture"]]}
-        mlflow.set_tags({"best_trial": trial_name(best["num_negatives"], best["mixture"]),
+        mlflow.set_tags({"best_trial": trial_name(best["num_negatives"], best["mixture"]), "selected_on": "validation",
                          "best_num_negatives": str(best["num_negatives"]), "best_mixture": best["mixture"],
                          "best_mlflow_run_id": str(best["mlflow_run_id"]), "metric": config.metric})  # fmt: skip
         mlflow.log_metric("ablate/best_score", best["score"])
+        if best["test_score"] is not None:  # reported beside the choice, never used for it
+            mlflow.log_metric("ablate/best_test_score", best["test_score"])
+            mlflow.set_tag("report_metric", config.report_metric)
         print(f"[ablate] {len(done)}/{len(trials)} trials finished; best {config.metric} = {best['score']:.4f} "
               f"with {trial_name(best['num_negatives'], best['mixture'])}")  # fmt: skip
         for t in sorted(done, key=lambda t: t["score"], reverse=config.mode == "max"):
-            print(f"[ablate]   {trial_name(t['num_negatives'], t['mixture'])}: {t['score']:.4f}")
+            test = f" (test {config.report_metric} {t['test_score']:.4f})" if t["test_score"] is not None else ""
+            print(f"[ablate]   {trial_name(t['num_negatives'], t['mixture'])}: {t['score']:.4f}{test}")
         return {"best": best, "metric": config.metric, "trials": trials, "parent_run_id": parent.info.run_id,
                 "experiment_id": experiment}
 
