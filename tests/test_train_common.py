@@ -52,9 +52,9 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path):
 def test_config_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="multiple of workers"):
         stage_config(mlm.MLMConfig, "mlm", tmp_path, global_batch=10, micro_batch=4)
-    with pytest.raises(ValueError, match=r"missing required key\(s\) \['fault_step'\]"):
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['seed'\]"):
         from ops.config import load_config, read_yaml
 
         raw = read_yaml(mlm.__file__.replace("mlm.py", "configs/mlm.yaml"))
-        del raw["run"]["fault_step"]
+        del raw["run"]["seed"]
         load_config(mlm.MLMConfig, raw=raw)

@@ -46,8 +46,9 @@ class RunSettings:
     max_failures: int  # Ray Train restarts from the last checkpoint this many times
     log_every: int  # steps between console lines and MLflow metrics
     seed: int
-    row_log: str | None  # folder for per-rank JSON lines of the row ids of every step (data audit)
-    fault_step: int  # chaos test: rank 0 SIGKILLs itself at this step of the first attempt; 0 = off
+    # test-only switches (`workflows.chaos`): never in the user YAMLs, set by tests through overrides
+    row_log: str | None = None  # folder for per-rank JSON lines of the row ids of every step (data audit)
+    fault_step: int = 0  # chaos test: rank 0 SIGKILLs itself at this step of the first attempt; 0 = off
 
     def __post_init__(self) -> None:
         for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
