@@ -235,7 +235,10 @@ def _watch_parts(output: str, progress: Any, stop: threading.Event) -> None:
         fs, parts = resolve(join(output, TMP_DIR))
         for info in fs.get_file_info(pafs.FileSelector(parts, allow_not_found=True)):
             if info.path.endswith(".parquet") and info.path not in rows:
-                rows[info.path] = pq.ParquetFile(info.path, filesystem=fs).metadata.num_rows
+                try:
+                    rows[info.path] = pq.ParquetFile(info.path, filesystem=fs).metadata.num_rows
+                except (pa.ArrowInvalid, OSError):  # still being written (no footer yet): counted next time
+                    continue
         fs, stats = resolve(join(output, STATS_DIR))
         read = sum(1 for _ in fs.get_file_info(pafs.FileSelector(stats, allow_not_found=True)))
         progress.update(read, f"{sum(rows.values())} rows written so far")
