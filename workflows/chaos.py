@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import signal
-import tempfile
-import time
 from pathlib import Path
 
+from ops import io
 from workflows.session import Session
 from workflows.settings import RunSettings
 
@@ -17,21 +17,26 @@ log = logging.getLogger("workflows.train")
 
 
 def maybe_inject_fault(run: RunSettings, session: Session, step: int, output_dir: str) -> None:
-    """Chaos test (``run.fault_step``): SIGKILL rank 0's process once, to prove that resume works. The "done" marker
-    lies beside the stage's output folder, or in the temp dir when that is remote."""
-    if not run.fault_step or step != run.fault_step or session.rank != 0:
+    """Chaos test (``run.fault_step``): SIGKILL rank 0's process once, to prove that resume works. Every rank calls
+    this at every step; the "done" marker lies beside the stage's output folder (on its filesystem, so that every
+    node of a restarted run sees it)."""
+    if not run.fault_step or step != run.fault_step:
         return
-    marker_dir = Path(tempfile.gettempdir()) if "://" in output_dir else Path(output_dir).parent
-    marker = marker_dir / f"fault-{run.name}-done"
-    if marker.exists():
+    marker = io.join(posixpath.dirname(output_dir.rstrip("/")), f"fault-{run.name}-done")
+    if io.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
     if session.is_ray:
-        # Ray Train's controller collects reports (and registers their checkpoints) by polling the workers every
-        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; a kill before that poll resumes from the checkpoint before -- also
-        # consistent, but the chaos test is meant to resume from the newest one
-        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+        import ray.train
+
+        # The kill should come after Ray Train's controller has registered the checkpoint reported before, so the
+        # run resumes from the newest one. A worker's result queue holds one report, so every rank's second empty
+        # report returns only once the controller has polled the first -- that is, after the poll that took the
+        # checkpoint's report had finished. (All ranks report: a report is a barrier across them.)
+        for _ in range(2):
+            ray.train.report({})
+    if session.rank != 0:
+        return
+    io.write_text(marker, str(os.getpid()))
     log.warning("fault injection: killing worker pid %d at step %d", os.getpid(), step)
     os.kill(os.getpid(), signal.SIGKILL)
 
