@@ -119,15 +119,18 @@ def consistency_filter(embedded, num_chunks: int, top_k: int, search_actors: int
         num_gpus=num_gpus or None, num_cpus=search_cpus, **remote_args)  # fmt: skip
 
 
-def rows_per_source(output: str) -> dict[str, int]:
-    """Rows per source of a finished folder, counted in Ray Data (the driver gets one number per source)."""
+def rows_per_source(output: str, resources: dict[str, float] | None = None) -> dict[str, int]:
+    """Rows per source of a finished folder, counted in Ray Data (the driver gets one number per source); the read
+    tasks ask ``resources`` as the job's other data tasks do (e.g. ``{data_node: 1}``)."""
     import ray
 
     try:
         files = io.list_files(io.join(output, "part-*.parquet"))
     except io.DataError:  # nothing written: every row was dropped
         return {}
-    counts = ray.data.read_parquet(files).select_columns(["source"]).groupby("source").count().take_all()
+    remote_args = {"resources": resources} if resources else None
+    counts = ray.data.read_parquet(files, columns=["source"], ray_remote_args=remote_args).groupby("source").count()
+    counts = counts.take_all()
     return {row["source"]: int(row["count()"]) for row in counts}
 
 
@@ -168,7 +171,7 @@ def run(config: PairDataConfig) -> dict:
     rows_out = io.finalize(config.output)
     stats = io.sum_stats(io.collect_stats(config.output))
     io.drop_scratch(config.output)
-    out_per_source = rows_per_source(config.output)
+    out_per_source = rows_per_source(config.output, config.resources)
     if config.consistency_filter:  # rows read minus rows written, per source: the driver only ever counts
         stats = io.add_dropped(stats, "consistency_filter",
                                {s: n - out_per_source.get(s, 0) for s, n in index.counts.items()})
