@@ -188,7 +188,7 @@ def run_batches(data: Path, workers: int, global_batch: int, peer: bool) -> dict
     columns = ["row_id", "source", "query", "document", "query_prefix", "document_prefix"]
     index = ingest.index_parquet(files, "source", {})
     rows = sum(index.counts.values())
-    epochs = contrastive.PrefixedPairs(files, columns, index, global_batch, 0, True, None, {})
+    epochs = contrastive.PrefixedPairs(files, columns, index, global_batch, 0, True, None, {}, [])
     schedule = ingest.Schedule.of(epochs.batches_per_epoch, 1, 0, "no full batch")
     name = f"bench-feeder-{data.name}"
     feeder = None if peer else ingest.start_feeder(epochs, workers, schedule.epochs, name, {})

@@ -97,6 +97,16 @@ class RowIndex:
                              "changed during the run")  # fmt: skip
         return self.source[run], self.first[run] + (ids - self.starts[run])
 
+    def split_head(self, quotas: dict[str, int]) -> tuple[list[tuple[int, int]], RowIndex]:
+        """The first ``quotas[source]`` rows of each source (row-id order) as row-id ranges ``[start, end)``, and
+        the index of the other rows (their indices within the source renumbered from 0). A held-out slice."""
+        quota = np.array([quotas.get(name, 0) for name in self.names], dtype=np.int64)[self.source]
+        head = np.clip(quota - self.first, 0, self.ends - self.starts)  # rows of each run inside its source's head
+        held = [(int(s), int(s + h)) for s, h in zip(self.starts, head, strict=True) if h > 0]
+        rest = head < self.ends - self.starts
+        return held, RowIndex(self.starts[rest] + head[rest], self.ends[rest], self.source[rest],
+                              self.first[rest] + head[rest] - quota[rest], self.names)  # fmt: skip
+
 
 def block_runs(id_column: str, source_column: str | None):
     """``map_batches`` function: a block's (``row_id``, ``source``) -> its runs (``start``, ``end``, ``source``)."""

@@ -33,11 +33,32 @@ def workdir(tmp_path_factory, ray_session, shared_data):
 
 @pytest.fixture(scope="module")
 def mlm_result(workdir, shared_data):
-    data = make_mlm_data(shared_data, workdir / "mlm-data", rows=48, row_length=64)
+    data = make_mlm_data(shared_data, workdir / "mlm-data", rows=56, row_length=64)  # 8 held out, 48 trained on
     cfg = stage_config(mlm.MLMConfig, "mlm", workdir, data=str(data), output_dir=str(workdir / "ckpt" / "mlm"),
                        model="tiny", model_overrides={}, global_batch=8, micro_batch=4, epochs=2, max_steps=0,
-                       **{"run.checkpoint_every": 6, "optim.lr": 5e-3})  # fmt: skip
+                       **{"run.checkpoint_every": 6, "optim.lr": 5e-3, "validation.rows": 8, "validation.every": 3,
+                          "run.row_log": str(workdir / "rows" / "mlm")})  # fmt: skip
     return mlm.run(cfg)
+
+
+def held_out_and_trained(result: dict, row_log) -> tuple[set[int], list[int]]:
+    """The validation rows a run logged (MLflow artifact) and every row id it trained on (the row log)."""
+    held = mlflow.artifacts.load_dict(f"runs:/{result['mlflow_run_id']}/validation/held_out.json")
+    trained = [r for line in (row_log / "rank-0.jsonl").read_text().splitlines() for r in json.loads(line)["row_ids"]]
+    return {r for start, end in held["row_id_ranges"] for r in range(start, end)}, trained
+
+
+def test_mlm_validation_on_held_out_rows_falls_and_is_never_trained_on(mlm_result, workdir):
+    """val/ metrics every 3 steps and at the end, with the step; the held-out rows (the first 8) in no batch."""
+    val_loss = metric_history(mlm_result["mlflow_run_id"], "val/mlm_loss")
+    val_accuracy = metric_history(mlm_result["mlflow_run_id"], "val/mlm_accuracy")
+    assert sorted(val_loss) == sorted(val_accuracy) == [3, 6, 9, 12]
+    assert val_loss[12] < val_loss[3] - 0.5, val_loss  # learning, on rows it never saw
+    assert all(0 <= a <= 1 for a in val_accuracy.values()), val_accuracy
+    assert mlm_result["metrics"]["val/mlm_loss"] == pytest.approx(val_loss[12])  # in Ray Train's metrics too
+    held, trained = held_out_and_trained(mlm_result, workdir / "rows" / "mlm")
+    assert held == set(range(8)) and mlflow.get_run(mlm_result["mlflow_run_id"]).data.tags["mlm.validation_rows"] == "8"
+    assert not held & set(trained) and set(trained) == set(range(8, 56))
 
 
 def test_mlm_loss_and_accuracy_improve(mlm_result):
@@ -73,21 +94,37 @@ def retrieval_accuracy(model_dir, rows) -> float:
 
 @pytest.fixture(scope="module")
 def contrastive_result(workdir, shared_data, mlm_result):
-    data = make_pairs(pair_rows(shared_data, wiki=96, snli=32), workdir / "pairs", negatives=False)
+    # 16 pairs held out in proportion (12 wikipedia, 4 snli): 96 + 32 trained on
+    data = make_pairs(pair_rows(shared_data, wiki=108, snli=36), workdir / "pairs", negatives=False)
     cfg = stage_config(contrastive.ContrastiveConfig, "contrastive", workdir, data=str(data),
                        output_dir=str(workdir / "ckpt" / "unsup"), init_checkpoint=mlm_result["model"],
-                       global_batch=32, grad_cache_chunk=16, epochs=3, **OPTIM_FAST)  # fmt: skip
+                       global_batch=32, grad_cache_chunk=16, epochs=3,
+                       **{**OPTIM_FAST, "validation.rows": 16, "validation.every": 5,
+                          "run.row_log": str(workdir / "rows" / "contrastive")})  # fmt: skip
     return contrastive.run(cfg)
 
 
 def test_contrastive_starts_from_mlm_and_raises_held_out_retrieval(contrastive_result, mlm_result, shared_data):
     assert contrastive_result["steps"] == 12  # (3 wikipedia + 1 snli) single-source batches x 3 epochs
-    held_out = [r for r in pair_rows(shared_data, wiki=64, snli=0, skip=96)]
+    held_out = [r for r in pair_rows(shared_data, wiki=64, snli=0, skip=108)]
     before, after = retrieval_accuracy(mlm_result["model"], held_out), retrieval_accuracy(contrastive_result["model"], held_out)
     assert after > before + 0.1, (before, after)
     loss = metric_history(contrastive_result["mlflow_run_id"], "contrastive/loss")
     assert loss[1] > loss[12]
     assert os.path.isdir(os.path.join(contrastive_result["model"], "st"))
+
+
+def test_contrastive_validation_retrieval_on_a_held_out_pair_slice(contrastive_result, workdir):
+    """Query -> own document among the 16 held-out pairs every 5 steps and at the end; those pairs in no batch."""
+    run_id = contrastive_result["mlflow_run_id"]
+    history = {k: metric_history(run_id, f"val/{k}") for k in ("retrieval_accuracy", "mrr", "info_nce_loss")}
+    assert all(sorted(h) == [5, 10, 12] for h in history.values()), history
+    accuracy, mrr, loss = history["retrieval_accuracy"], history["mrr"], history["info_nce_loss"]
+    assert all(0 <= accuracy[s] <= mrr[s] <= 1 and loss[s] > 0 for s in (5, 10, 12))
+    assert accuracy[12] > 1 / 16 and loss[12] < loss[5], history  # above chance (1 of 16) and learning
+    held, trained = held_out_and_trained(contrastive_result, workdir / "rows" / "contrastive")
+    assert held == set(range(12)) | set(range(108, 112))  # the first rows of each source, in proportion
+    assert not held & set(trained) and set(trained) == set(range(144)) - held
 
 
 def test_finetune_with_hard_negatives_from_contrastive(workdir, shared_data, contrastive_result):

@@ -91,9 +91,10 @@ def make_pairs(rows: list[dict], folder: Path, negatives: bool) -> Path:
 
 
 def stage_config(cls, name: str, tmp: Path, **overrides):
-    """The shipped demo YAML with paths under ``tmp`` and the given overrides (dotted keys)."""
+    """The shipped demo YAML with paths under ``tmp`` and the given overrides (dotted keys). Validation is off
+    (``validation.rows=0``: tests count exact rows and steps) unless a test turns it on."""
     base = {"run.storage_path": str(tmp / "ray"), "run.name": f"{name}-test", "run.num_workers": 0,
-            "run.log_every": 1, "mlflow.experiment": "train-tests"}  # fmt: skip
+            "run.log_every": 1, "mlflow.experiment": "train-tests", "validation.rows": 0}  # fmt: skip
     items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in {**base, **overrides}.items()]
     return load_config(cls, PROJECT / "workflows" / "configs" / f"{name}.yaml", items)
 

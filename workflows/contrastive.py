@@ -20,15 +20,16 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nomicbert.encoders import Encoder, NomicEncoder
-from nomicbert.losses import ContrastiveLoss, GradCache, check_dims
+from nomicbert.losses import LN_EPS, ContrastiveLoss, GradCache, check_dims, gather_with_grad
 from ops.pairs import AddPrefixes
 from workflows import checkpoints, ingest, launch
 from workflows.loop import StepOutput, train_steps
 from workflows.session import Session, all_reduce_sum, autocast, no_sync
-from workflows.settings import MlflowSettings, OptimConfig, RunSettings
+from workflows.settings import MlflowSettings, OptimConfig, RunSettings, ValidationSettings
 
 log = logging.getLogger("workflows.train")
 
@@ -50,6 +51,7 @@ class ContrastiveConfig:
     matryoshka_weights: list[float]
     epochs: int  # used when max_steps is 0
     max_steps: int  # > 0: exactly this many steps, epochs cycling (each in its own order); 0 = epochs x an epoch
+    validation: ValidationSettings  # held-out pairs: query -> own document among the slice's documents
     optim: OptimConfig
     run: RunSettings
     mlflow: MlflowSettings
@@ -58,6 +60,7 @@ class ContrastiveConfig:
 
     def __post_init__(self) -> None:
         workers = max(1, self.run.num_workers)
+        self.validation.check_workers(workers)
         if self.global_batch < workers or self.global_batch % workers:
             raise ValueError(f"global_batch {self.global_batch} must be a multiple of the {workers} workers")
         if (self.grad_cache_chunk != "auto" and self.grad_cache_chunk < 0) or self.num_negatives < 0 \
@@ -133,10 +136,23 @@ def texts_of(batch: dict[str, np.ndarray], num_negatives: int, seed: int, index:
     return queries, documents
 
 
+def retrieval_scores(queries: torch.Tensor, documents: torch.Tensor, logit_scale: float) -> dict[str, torch.Tensor]:
+    """Query i against every document of the slice, its own is document i: top-1 accuracy, mean reciprocal rank
+    and the InfoNCE loss (device scalars). Inputs: [n, H] embeddings as the model serves them (normalised here)."""
+    scores = F.normalize(queries.float(), dim=-1) @ F.normalize(documents.float(), dim=-1).T  # (n, n)
+    own = scores.diagonal()
+    rank = (scores > own[:, None]).sum(1)  # documents scored above the query's own (0 = retrieved first)
+    labels = torch.arange(len(own), device=scores.device)
+    return {"retrieval_accuracy": (rank == 0).float().mean(), "mrr": (1.0 / (rank + 1).float()).mean(),
+            "info_nce_loss": F.cross_entropy(logit_scale * scores, labels)}  # fmt: skip
+
+
 def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], session: Session, total_steps: int,
-          mlflow_run: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
+          mlflow_run: dict[str, str] | None = None,
+          validation_rows: dict[str, np.ndarray] | None = None) -> dict[str, float]:  # fmt: skip
     """The training loop, Ray or not. ``batches``: this worker's slice of each global batch, in order, as numpy
-    columns ``row_id``, ``query``, ``document`` (prefixed) and, with hard negatives, ``negatives`` (lists)."""
+    columns ``row_id``, ``query``, ``document`` (prefixed) and, with hard negatives, ``negatives`` (lists).
+    ``validation_rows``: the held-out pairs in the same columns (all of them; each worker embeds its share)."""
     torch.manual_seed(cfg.run.seed)
     encoder = build_encoder(cfg)
     model = encoder.model
@@ -165,8 +181,22 @@ def train(cfg: ContrastiveConfig, batches: Iterable[dict[str, np.ndarray]], sess
         tokens = sum(map(len, q_ids)) + sum(map(len, d_ids))
         return StepOutput(all_reduce_sum(loss.detach()) / session.world_size, tokens * session.world_size)
 
+    held = ingest.validation_share(validation_rows, session.rank, session.world_size) if validation_rows else None
+
+    def evaluate() -> dict[str, torch.Tensor]:
+        """Retrieval within the held-out slice: each worker embeds its share of queries and (positive) documents,
+        gathered in rank order so every worker scores the whole slice."""
+        q_ids = encoder.tokenize([str(q) for q in held["query"]], cfg.query_max_length)
+        d_ids = encoder.tokenize([str(d) for d in held["document"]], cfg.document_max_length)
+        step = chunk or cfg.global_batch // session.world_size
+        parts = [net([q_ids[i : i + step], d_ids[i : i + step]]) for i in range(0, len(q_ids), step)]
+        queries, documents = (gather_with_grad(torch.cat([p[k] for p in parts])) for k in (0, 1))
+        if cfg.matryoshka_dims:  # the v1.5 embedding: weightless LayerNorm before normalising
+            queries, documents = (F.layer_norm(x, (x.shape[-1],), eps=LN_EPS) for x in (queries, documents))
+        return retrieval_scores(queries, documents, cfg.logit_scale)
+
     return train_steps(cfg.stage, cfg, model, net, encoder.save, session, batches, total_steps, forward_backward,
-                       resumed, mlflow_run)  # fmt: skip
+                       resumed, mlflow_run, evaluate if held else None)  # fmt: skip
 
 
 def grad_cache_chunk(cfg: ContrastiveConfig, net: nn.Module, device: torch.device) -> int:
@@ -196,7 +226,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     cfg = from_dict(cls, loop_config["config"])
     session = Session.from_ray(cfg.run)
     batches = ingest.batches_for_worker(loop_config, cfg.global_batch, session.rank, session.world_size)
-    return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
+    return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"],
+                 ingest.validation_rows(loop_config))  # fmt: skip
 
 
 class PrefixedPairs(ingest.ParquetEpochs):
@@ -242,11 +273,13 @@ def build_dataset(cfg: ContrastiveConfig) -> tuple[PrefixedPairs, ingest.Schedul
                              f"min_negatives >= {cfg.num_negatives}")  # fmt: skip
         columns.append("negatives")
     remote = ingest.data_remote_args(cfg.run.data_resources)
-    index = ingest.index_parquet(files, "source", remote)
-    epochs = PrefixedPairs(files, columns, index, cfg.global_batch, cfg.run.seed, True, cfg.source_weights, remote)
+    held_out, index = ingest.hold_out(ingest.index_parquet(files, "source", remote), cfg.validation.rows)
+    epochs = PrefixedPairs(files, columns, index, cfg.global_batch, cfg.run.seed, True, cfg.source_weights, remote,
+                           held_out)  # fmt: skip
     schedule = ingest.Schedule.of(epochs.batches_per_epoch, cfg.epochs, cfg.max_steps,
                                   f"no source of {cfg.data} fills one global batch of {cfg.global_batch} "
-                                  f"({index.counts})")  # fmt: skip
+                                  f"({index.counts} rows for training, {cfg.validation.rows} more held out for "
+                                  "validation)")  # fmt: skip
     return epochs, schedule
 
 

@@ -10,8 +10,10 @@ worker sees another's rows. The driver holds the row index and the counts, never
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import operator
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,10 +36,14 @@ class Epochs(Protocol):
 
     batches_per_epoch: int
     global_batch: int
+    held_out: list[tuple[int, int]]  # row-id ranges of the validation slice
 
     def rows(self, epoch: int, first_batch: int) -> Any:
         """Lazy Ray dataset: the rows of global batches ``first_batch..`` of ``epoch``, with ``batch_index`` and
         ``batch_position``."""
+
+    def held_out_rows(self) -> dict[str, np.ndarray] | None:
+        """The validation slice (rows no epoch holds) as numpy columns, or None."""
 
 
 @dataclass
@@ -79,6 +85,7 @@ class ParquetEpochs:
     shuffle: bool
     weights: dict[str, float] | None  # mixture weights per source; None = by size
     remote_args: dict[str, Any]  # for every read and map task (custom resources that pick the node type)
+    held_out: list[tuple[int, int]]  # row-id ranges [start, end) of the validation slice: never in an epoch
 
     def __post_init__(self) -> None:
         plan = plan_single_source_batches(self.index.counts, self.global_batch, self.seed, self.weights)
@@ -98,9 +105,59 @@ class ParquetEpochs:
         plan = plan_single_source_batches(self.index.counts, self.global_batch, self.seed, self.weights, epoch)
         assign = AssignBatches(self.index, plan, self.global_batch, self.seed, epoch, self.shuffle, first_batch)
         ds = ray.data.read_parquet(self.files, columns=self.columns, ray_remote_args=self.remote_args)
+        if self.held_out:  # a filter on row_id: pushed into the read
+            ds = ds.filter(expr=outside(self.held_out), **self.remote_args)
         ds = ds.map_batches(assign, batch_format="pyarrow", **self.remote_args)
         row_map = self.row_map(epoch)
         return ds if row_map is None else ds.map_batches(row_map, batch_format="numpy", **self.remote_args)
+
+    def held_out_rows(self) -> dict[str, np.ndarray] | None:
+        """The validation slice as numpy columns in row-id order, through epoch 0's row map (for masked-LM a fixed,
+        seeded masking), or None without one. Read in the driver: a few hundred rows, found by a filter on
+        ``row_id`` pushed into the read (row groups outside the ranges are skipped)."""
+        import ray
+
+        if not self.held_out:
+            return None
+        ds = ray.data.read_parquet(self.files, columns=self.columns, ray_remote_args=self.remote_args)
+        ds = ds.filter(expr=inside(self.held_out), **self.remote_args)
+        row_map = self.row_map(0)
+        if row_map is not None:
+            ds = ds.map_batches(row_map, batch_format="numpy", **self.remote_args)
+        parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        order = np.argsort(rows["row_id"], kind="stable")
+        return {k: v[order] for k, v in rows.items()}
+
+
+def hold_out(index: RowIndex, rows: int) -> tuple[list[tuple[int, int]], RowIndex]:
+    """The validation slice: ``rows`` rows spread over the sources in proportion to their size (the largest
+    remainders get the leftover rows), each source's first rows in row-id order -- the same rows on every run and
+    restart. Returns their row-id ranges and the index of the training rows."""
+    counts = index.counts
+    total = sum(counts.values())
+    if rows >= total:
+        raise ValueError(f"validation.rows is {rows} but the data has only {total} rows; hold out fewer")
+    share = {name: rows * n / total for name, n in counts.items()}
+    quotas = {name: int(s) for name, s in share.items()}
+    leftover = sorted(counts, key=lambda name: (quotas[name] - share[name], name))[: rows - sum(quotas.values())]
+    for name in leftover:
+        quotas[name] += 1
+    return index.split_head(quotas)
+
+
+def inside(ranges: list[tuple[int, int]]) -> Any:
+    """A Ray Data expression: ``row_id`` in one of the ranges ``[start, end)``."""
+    from ray.data.expressions import col
+
+    return functools.reduce(operator.or_, ((col("row_id") >= a) & (col("row_id") < b) for a, b in ranges))
+
+
+def outside(ranges: list[tuple[int, int]]) -> Any:
+    """A Ray Data expression: ``row_id`` in none of the ranges ``[start, end)``."""
+    from ray.data.expressions import col
+
+    return functools.reduce(operator.and_, ((col("row_id") < a) | (col("row_id") >= b) for a, b in ranges))
 
 
 def data_remote_args(resources: dict[str, float]) -> dict[str, Any]:
@@ -229,6 +286,21 @@ def batches_for_worker(loop_config: dict[str, Any], global_batch: int, rank: int
     first = batches_consumed()
     own = worker_batches(loop_config["feeder"], schedule, global_batch, rank, world, first)
     return itertools.chain(itertools.repeat(None, first), own)
+
+
+def validation_rows(loop_config: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """Inside a Ray Train worker: the held-out rows the driver read once (`ParquetEpochs.held_out_rows`), or None."""
+    import ray
+
+    ref = loop_config.get("validation")
+    return None if ref is None else ray.get(ref)
+
+
+def validation_share(rows: dict[str, np.ndarray], rank: int, world_size: int) -> dict[str, np.ndarray]:
+    """Worker ``rank``'s equal share of the held-out rows: every worker runs as many forwards (collectives under
+    DDP and FSDP); a remainder that does not split evenly is left out."""
+    per_rank = len(rows["row_id"]) // world_size
+    return {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in rows.items()}
 
 
 def batches_consumed() -> int:

@@ -77,16 +77,22 @@ def fit(stage: str, config: Any, loop: Callable[[dict], Any], epochs: ingest.Epo
     feeder_name = f"feeder-{run.name}-{uuid.uuid4().hex[:8]}"
     feeder = ingest.start_feeder(epochs, world, schedule.epochs, feeder_name, run.data_resources)
     try:
+        held_out = epochs.held_out_rows()  # read once here; every worker (and a restarted one) gets it from the store
         with mlflow_run(stage, config, config.mlflow) as mlrun:
             check_reachable_from_workers(mlrun["tracking_uri"])
             log_manifest(config.data)
             mlflow.set_tags({f"{stage}.epochs": schedule.epochs, f"{stage}.steps_per_epoch": schedule.batches_per_epoch,
                              f"{stage}.total_steps": schedule.total_steps})  # fmt: skip
+            if held_out is not None:  # which rows the val/ metrics score (and training never sees)
+                mlflow.set_tag(f"{stage}.validation_rows", len(held_out["row_id"]))
+                mlflow.log_dict({"row_id_ranges": epochs.held_out}, "validation/held_out.json")
             trainer = TorchTrainer(
                 functools.partial(stop_without_retry, loop),
                 train_loop_config={"config": to_dict(config), "mlflow": mlrun, "feeder": feeder_name,
                                    "total_steps": schedule.total_steps,
-                                   "batches_per_epoch": schedule.batches_per_epoch, **(extra_loop_config or {})},
+                                   "batches_per_epoch": schedule.batches_per_epoch,
+                                   "validation": None if held_out is None else ray.put(held_out),
+                                   **(extra_loop_config or {})},
                 scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
                                                        resources_per_worker=resources),  # fmt: skip
                 run_config=ray.train.RunConfig(

@@ -43,17 +43,21 @@ def train_steps(stage: str, cfg: Any, model: nn.Module, net: nn.Module,
                 save_model: Callable[[Path, dict[str, torch.Tensor]], Any], session: Session,
                 batches: Iterable[dict[str, np.ndarray]], total_steps: int,
                 forward_backward: Callable[[dict[str, np.ndarray], int], StepOutput], resumed: dict[str, Any] | None,
-                mlflow_run: dict[str, str] | None) -> dict[str, float]:  # fmt: skip
+                mlflow_run: dict[str, str] | None,
+                evaluate: Callable[[], dict[str, torch.Tensor]] | None = None) -> dict[str, float]:  # fmt: skip
     """Run ``forward_backward`` + the shared optimizer step over this worker's global-batch slices until
     ``total_steps``. ``cfg`` has ``optim``, ``run`` and ``output_dir``; ``model`` is the unwrapped module (optimizer,
     checkpoints), ``net`` what the stage's forward runs (DDP/FSDP-wrapped), ``save_model(folder, weights)`` writes the
-    model folder of a checkpoint from ``model``'s full state dict. Returns the last logged metrics."""
+    model folder of a checkpoint from ``model``'s full state dict. ``evaluate()`` (every rank, equally often) scores
+    the held-out slice every ``cfg.validation.every`` steps and at the end, outside the step, in eval mode without
+    gradients; its device scalars are logged as ``val/<name>``. Returns the last logged metrics."""
     optimizer_step = OptimizerStep(model, cfg.optim, total_steps, session.device)
     step, consumed = restore(resumed, model, optimizer_step.optimizer, optimizer_step.scheduler) if resumed else (0, 0)
     progress = Progress(stage, total_steps, step, session.rank, mlflow_run, cfg.run.log_every)
     progress.layout(model, cfg.run.strategy, session.world_size)
     rows = RowLog(cfg.run.row_log, session.rank)
     metrics: dict[str, float] = {}
+    validation: dict[str, float] = {}  # the last held-out scores, reported to Ray Train with each checkpoint
     net.train()
     for index, batch in enumerate(batches):
         if index < consumed:  # resume: these global batches were trained on before the restart
@@ -70,11 +74,16 @@ def train_steps(stage: str, cfg: Any, model: nn.Module, net: nn.Module,
         if progress.due(step) or checkpoint_due:
             metrics = progress.log(step, read({"loss": out.loss, **out.metrics, **step_metrics}))
             optimizer_step.check(step)
+        if evaluate is not None and (step % cfg.validation.every == 0 or step == total_steps):
+            net.eval()
+            with torch.no_grad():
+                validation = progress.log_validation(step, read(evaluate()))
+            net.train()
         if checkpoint_due:
             optimizer_step.check_weights(step)
             weights, optimizer_state = full_state(model, optimizer_step.optimizer)
             state = {"step": step, "batches_consumed": consumed, "loss": metrics["loss"], "weights": weights,
                      "optimizer": optimizer_state, "scheduler": optimizer_step.scheduler.state_dict(),
                      "rng": torch.get_rng_state()}  # fmt: skip
-            session.report(metrics, step, lambda folder: write_checkpoint(folder, save_model, state))
-    return {"step": step, **metrics}
+            session.report({**metrics, **validation}, step, lambda folder: write_checkpoint(folder, save_model, state))
+    return {"step": step, **metrics, **validation}

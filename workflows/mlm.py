@@ -26,7 +26,7 @@ from ops.mask import MaskTokens
 from workflows import checkpoints, ingest, launch
 from workflows.loop import StepOutput, train_steps
 from workflows.session import Session, all_reduce_sum, autocast, no_sync
-from workflows.settings import MlflowSettings, OptimConfig, RunSettings
+from workflows.settings import MlflowSettings, OptimConfig, RunSettings, ValidationSettings
 
 
 @dataclass
@@ -43,12 +43,14 @@ class MLMConfig:
     micro_batch: int  # rows per forward per worker; accumulation = global_batch / (workers * micro_batch)
     epochs: int  # used when max_steps is 0
     max_steps: int  # > 0: exactly this many steps, epochs cycling (each in its own order); 0 = epochs x an epoch
+    validation: ValidationSettings  # held-out packed rows: masked-LM loss and accuracy on a fixed masking
     optim: OptimConfig
     run: RunSettings
     mlflow: MlflowSettings
 
     def __post_init__(self) -> None:
         workers = max(1, self.run.num_workers)
+        self.validation.check_workers(workers)
         if self.micro_batch < 1 or self.global_batch % (workers * self.micro_batch):
             raise ValueError(f"global_batch {self.global_batch} must be a multiple of workers ({workers}) x "
                              f"micro_batch ({self.micro_batch})")  # fmt: skip
@@ -91,9 +93,11 @@ def _stack(column: np.ndarray) -> np.ndarray:
 
 
 def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Session, total_steps: int,
-          mlflow_run: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
+          mlflow_run: dict[str, str] | None = None,
+          validation_rows: dict[str, np.ndarray] | None = None) -> dict[str, float]:  # fmt: skip
     """The training loop, Ray or not. ``batches``: this worker's slice of each global batch, in order, as numpy
-    columns ``row_id``, ``input_ids`` [rows, L], ``labels`` [rows, L] (-100 = not masked), ``doc_lengths``."""
+    columns ``row_id``, ``input_ids`` [rows, L], ``labels`` [rows, L] (-100 = not masked), ``doc_lengths``.
+    ``validation_rows``: the held-out rows in the same columns (all of them; each worker scores its share)."""
     from nomicbert.checkpoint import save_pretrained
     from nomicbert.tokenizer import load_tokenizer
 
@@ -107,6 +111,18 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
     accumulation = cfg.global_batch // (session.world_size * cfg.micro_batch)
     skip_sync = no_sync(net)
 
+    def micro_batch(ids: np.ndarray, labels: np.ndarray, doc_lengths: np.ndarray, part: slice):
+        """A micro-batch's device inputs: packed ids, segments, masked positions and their labels."""
+        if cfg.attend_across_documents:
+            lengths = [ids.shape[1]] * ids[part].shape[0]
+        else:
+            lengths = [int(n) for row in doc_lengths[part] for n in row]
+        flat_labels = labels[part].reshape(-1)
+        positions = np.flatnonzero(flat_labels != -100)  # found on the host: the device never reports M
+        inputs = [session.to_device(torch.from_numpy(x)) for x in (ids[part].reshape(-1), positions,
+                                                                   flat_labels[positions])]  # fmt: skip
+        return inputs[0], Segments.from_lengths(lengths, device=session.device), inputs[1], inputs[2]
+
     def forward_backward(batch: dict[str, np.ndarray], index: int) -> StepOutput:
         ids, labels = _stack(batch["input_ids"]).astype(np.int64), _stack(batch["labels"]).astype(np.int64)
         # the exact global mean over masked tokens: every worker needs the global count (summed on the device)
@@ -114,23 +130,29 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
         loss_sum = correct = torch.zeros((), device=session.device)
         for m in range(accumulation):
             part = slice(m * cfg.micro_batch, (m + 1) * cfg.micro_batch)
-            if cfg.attend_across_documents:
-                lengths = [ids.shape[1]] * ids[part].shape[0]
-            else:
-                lengths = [int(n) for row in batch["doc_lengths"][part] for n in row]
-            flat_labels = labels[part].reshape(-1)
-            positions = np.flatnonzero(flat_labels != -100)  # found on the host: the device never reports M
-            inputs = [session.to_device(torch.from_numpy(x)) for x in (ids[part].reshape(-1), positions,
-                                                                       flat_labels[positions])]  # fmt: skip
-            segments = Segments.from_lengths(lengths, device=session.device)
+            inputs = micro_batch(ids, labels, batch["doc_lengths"], part)
             sync = m == accumulation - 1 or skip_sync is None
             with (contextlib.nullcontext() if sync else skip_sync()), autocast(cfg.run.precision, session.device):
-                part_loss, part_correct = net(inputs[0], segments, inputs[1], inputs[2])
+                part_loss, part_correct = net(*inputs)
             # each worker's share of the global mean; DDP averages over workers, hence * world_size
             (part_loss * session.world_size / masked_total).backward()
             loss_sum, correct = loss_sum + part_loss.detach(), correct + part_correct
         loss_sum, correct = all_reduce_sum(torch.stack([loss_sum, correct.float()]))
         return StepOutput(loss_sum / masked_total, ids.size * session.world_size, {"accuracy": correct / masked_total})
+
+    held = ingest.validation_share(validation_rows, session.rank, session.world_size) if validation_rows else None
+
+    def evaluate() -> dict[str, torch.Tensor]:
+        """Masked-LM loss and accuracy over all held-out masked tokens (each worker its share, summed)."""
+        ids, labels = _stack(held["input_ids"]).astype(np.int64), _stack(held["labels"]).astype(np.int64)
+        totals = session.to_device(torch.tensor([0.0, 0.0, float((labels != -100).sum())]))  # loss, correct, masked
+        for start in range(0, len(ids), cfg.micro_batch):
+            inputs = micro_batch(ids, labels, held["doc_lengths"], slice(start, start + cfg.micro_batch))
+            with autocast(cfg.run.precision, session.device):
+                part_loss, part_correct = net(*inputs)
+            totals[:2] += torch.stack([part_loss.float(), part_correct.float()])
+        loss_sum, correct, masked = all_reduce_sum(totals)
+        return {"mlm_loss": loss_sum / masked, "mlm_accuracy": correct / masked}
 
     tokenizer = load_tokenizer()
 
@@ -138,7 +160,7 @@ def train(cfg: MLMConfig, batches: Iterable[dict[str, np.ndarray]], session: Ses
         save_pretrained(model, folder, tokenizer, weights=weights)
 
     return train_steps("mlm", cfg, model, net, save_model, session, batches, total_steps, forward_backward, resumed,
-                       mlflow_run)  # fmt: skip
+                       mlflow_run, evaluate if held else None)  # fmt: skip
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
@@ -147,7 +169,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     cfg = from_dict(MLMConfig, loop_config["config"])
     session = Session.from_ray(cfg.run)
     batches = ingest.batches_for_worker(loop_config, cfg.global_batch, session.rank, session.world_size)
-    return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"])
+    return train(cfg, batches, session, loop_config["total_steps"], loop_config["mlflow"],
+                 ingest.validation_rows(loop_config))  # fmt: skip
 
 
 @dataclass
@@ -166,12 +189,13 @@ def build_dataset(cfg: MLMConfig) -> tuple[MaskedRows, ingest.Schedule]:
 
     files = list_files(join(cfg.data, "part-*.parquet"))
     remote = ingest.data_remote_args(cfg.run.data_resources)
-    index = ingest.index_parquet(files, None, remote)
+    held_out, index = ingest.hold_out(ingest.index_parquet(files, None, remote), cfg.validation.rows)
     epochs = MaskedRows(files, ["row_id", "input_ids", "doc_lengths", "special_tokens_mask"], index, cfg.global_batch,
-                        cfg.run.seed, cfg.shuffle, None, remote, cfg.mlm_probability)  # fmt: skip
+                        cfg.run.seed, cfg.shuffle, None, remote, held_out, cfg.mlm_probability)  # fmt: skip
     rows = sum(index.counts.values())
     schedule = ingest.Schedule.of(epochs.batches_per_epoch, cfg.epochs, cfg.max_steps,
-                                  f"{cfg.data} has {rows} rows, fewer than one global batch ({cfg.global_batch})")
+                                  f"{cfg.data} has {rows} rows for training ({cfg.validation.rows} more held out for "
+                                  f"validation), fewer than one global batch ({cfg.global_batch})")  # fmt: skip
     return epochs, schedule
 
 

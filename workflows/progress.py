@@ -48,6 +48,23 @@ class Progress:
     def due(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.total
 
+    def log_validation(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """A held-out evaluation (values already read): MLflow metrics ``val/<name>`` at ``step`` and a line in the
+        log file, not on the console (its line budget is per stage, not per evaluation). Returns the ``val/`` names."""
+        named = {f"val/{k}": v for k, v in metrics.items()}
+        if self.rank == 0:
+            shown = " ".join(f"{k} {v:.4g}" for k, v in named.items())
+            log.info("[%s] step %d/%d validation %s", self.stage, step, self.total, shown)
+            self._log_metrics(step, named)
+        return named
+
+    def _log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if self.client:
+            from mlflow.entities import Metric
+
+            stamp = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, [Metric(k, float(v), stamp, step) for k, v in metrics.items()])
+
     def log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """At a logged step (its values already read from the device): tokens/s over the window since the last log,
         the console line on rank 0 and the MLflow metrics ``<stage>/<name>``."""
@@ -59,10 +76,5 @@ class Progress:
             eta = format_duration(per_step * (self.total - step))
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
             log.info("[%s] step %d/%d %s eta %s", self.stage, step, self.total, shown, eta, extra=SHOW)
-            if self.client:
-                from mlflow.entities import Metric
-
-                stamp = int(time.time() * 1000)
-                self.client.log_batch(self.run_id, [Metric(f"{self.stage}/{k}", float(v), stamp, step)
-                                                    for k, v in metrics.items()])  # fmt: skip
+            self._log_metrics(step, {f"{self.stage}/{k}": v for k, v in metrics.items()})
         return metrics

@@ -62,3 +62,22 @@ class MlflowSettings:
     parent_run_id: str | None  # nest under a pipeline run; None -> $MLFLOW_PARENT_RUN_ID if set
     artifact_location: str | None  # for a new experiment; None -> beside a sqlite store, else the server's
     registered_model: str | None  # encoders: a new version of this Model Registry name (sentence-transformers flavour)
+
+
+@dataclass
+class ValidationSettings:
+    """A held-out slice scored during training, so a run shows in MLflow whether it learns before it ends. The
+    slice is the first rows (row-id order) of each source, in proportion to its size, and never reaches a training
+    batch."""
+
+    rows: int  # held-out rows (masked-LM: packed rows; embedding stages: pairs); 0 = off; a few hundred at most
+    every: int  # steps between evaluations (and one at the last step)
+
+    def __post_init__(self) -> None:
+        if self.rows < 0 or self.every < 1:
+            raise ValueError(f"validation.rows must be >= 0 and validation.every >= 1 (got {self.rows}, {self.every})")
+
+    def check_workers(self, workers: int) -> None:
+        """Every worker scores an equal share of the slice (a forward is a collective under DDP and FSDP)."""
+        if self.rows and self.rows < workers:
+            raise ValueError(f"validation.rows ({self.rows}) must be 0 or at least the {workers} workers")
