@@ -16,6 +16,7 @@ from train_helpers import make_mlm_data, stage_config
 from ops.order import RowIndex, SeededOrder, row_index
 from ops.pairs import AssignBatches, plan_single_source_batches
 from workflows import ingest, launch, mlm
+from workflows.settings import ValidationSettings
 
 
 def test_seeded_order_is_a_bijection_for_every_size():
@@ -76,6 +77,25 @@ def test_assignment_fills_single_source_batches_and_skips_consumed_ones():
     assert sorted(set(later["batch_index"])) == list(range(5, len(plan.order)))
     with pytest.raises(ValueError, match="row_id 230 was not in the dataset"):
         index.lookup(np.array([230]))
+
+
+def test_held_out_slice_is_each_sources_first_rows_in_proportion_and_leaves_the_index():
+    """The validation slice: 23 of 230 rows as 18 of source a (180 rows) and 5 of b (50), each source's first rows
+    in row-id order; the training index renumbers the rest from 0 and refuses the held-out ids."""
+    index = RowIndex(starts=np.array([0, 100, 150]), ends=np.array([100, 150, 230]), source=np.array([0, 1, 0], np.int32),
+                     first=np.array([0, 0, 100]), names=["a", "b"])  # fmt: skip
+    held, rest = ingest.hold_out(index, 23)
+    assert held == [(0, 18), (100, 105)] and rest.counts == {"a": 162, "b": 45}
+    source, within = rest.lookup(np.array([18, 99, 105, 150, 229]))
+    assert source.tolist() == [0, 0, 1, 0, 0] and within.tolist() == [0, 81, 0, 82, 161]
+    with pytest.raises(ValueError, match="row_id 17 was not in the dataset"):
+        rest.lookup(np.array([17]))
+    none, same = ingest.hold_out(index, 0)
+    assert none == [] and same.counts == index.counts
+    with pytest.raises(ValueError, match="validation.rows is 230 but the data has only 230 rows"):
+        ingest.hold_out(index, 230)
+    with pytest.raises(ValueError, match="validation.rows \\(1\\) must be 0 or at least the 2 workers"):
+        ValidationSettings(rows=1, every=5).check_workers(2)
 
 
 def test_row_index_from_interleaved_blocks(ray_session):
