@@ -20,7 +20,7 @@ from workflows import ablate
 def ablate_config(tmp, shared_data, data, init, **overrides):
     base = {
         "finetune_overrides": [f"data={data}", f"init_checkpoint={init}", "global_batch=16", "max_steps=2",
-                               "run.num_workers=0", "run.log_every=1", "optim.warmup_steps=1"],
+                               "run.num_workers=0", "run.log_every=1", "optim.warmup_steps=1", "validation.rows=0"],
         "num_negatives": [0, 1], "mixtures": {"all": None},
         "evaluate.sts": [f"stsb-dev={shared_data / 'stsb' / 'dev.tsv'}"], "evaluate.beir": [], "evaluate.limit": 30,
         "metric": "sts/stsb-dev/spearman", "report.sts": [f"stsb={shared_data / 'stsb' / 'test.tsv'}"],
