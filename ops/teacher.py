@@ -151,25 +151,53 @@ def consistency_mask(queries: np.ndarray, documents: np.ndarray, top_k: int = 2,
     return keep.cpu().numpy()
 
 
-def topk_search(queries: np.ndarray, corpus: np.ndarray, k: int, device: str | None = None) -> np.ndarray:
-    """Exact inner-product top-k: [n, dim] x [m, dim] -> [n, min(k, m)] corpus indices, best first."""
+def ranked_top(scores, positions, k: int):
+    """[b, m] scores of ``m`` corpus documents at ``positions`` (ascending) -> the first ``k`` of each row in
+    (score descending, position ascending) order: (scores [b, k'], positions [b, k']), ``k' = min(k, m)``.
+
+    The order is a pure function of the scores, so merging the tops of corpus shards gives what one search over
+    the whole corpus gives, ties included (`torch.topk` alone may break a tie at the k-th place either way)."""
+    import torch
+
+    kk = min(k, scores.shape[1])
+    values, index = torch.topk(scores, kk, dim=1)
+    tied = (scores >= values[:, -1:]).sum(1) > kk  # rows with a tie at the k-th place: sort them fully (rare)
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        index[rows] = torch.sort(scores[rows], dim=1, descending=True, stable=True).indices[:, :kk]
+    index = torch.sort(index, dim=1).values  # position order, then a stable sort by score
+    values = torch.gather(scores, 1, index)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return torch.gather(values, 1, order), positions[torch.gather(index, 1, order)]
+
+
+def shard_top(queries: np.ndarray, corpus: np.ndarray, positions: np.ndarray, k: int,
+              device: str | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Exact inner-product top-k of [n, dim] queries in one corpus shard ([m, dim] at ``positions``, ascending):
+    (scores float32 [n, min(k, m)], positions int64), in `ranked_top` order. Blockwise over the queries."""
     import torch
 
     dev = _device(device)
     dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     q = torch.from_numpy(np.array(queries, dtype=np.float32)).to(dev, dtype)
     c = torch.from_numpy(np.array(corpus, dtype=np.float32)).to(dev, dtype)
-    k = min(k, len(c))
+    pos = torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(dev)
     block = max(1, SEARCH_BYTES // (4 * max(len(c), 1)))
-    out = [torch.topk((q[s:s + block] @ c.T).float(), k, dim=1).indices.cpu() for s in range(0, len(q), block)]
-    return torch.cat(out).numpy() if out else np.zeros((0, k), dtype=np.int64)
+    kk = min(k, len(c))
+    scores, found = np.zeros((len(q), kk), np.float32), np.zeros((len(q), kk), np.int64)
+    for start in range(0, len(q), block):
+        s, p = ranked_top((q[start:start + block] @ c.T).float(), pos, k)
+        scores[start:start + block], found[start:start + block] = s.cpu().numpy(), p.cpu().numpy()
+    return scores, found
 
 
-def remote(fn, num_gpus: float):
-    """Run a search function as a Ray task (on a GPU when asked), so the driver needs none."""
-    import ray
-
-    return ray.remote(num_gpus=num_gpus, num_cpus=1)(fn)
+def merge_top(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+              k: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Two (scores, positions) tops of the same queries over disjoint shards -> the top ``k`` of both, in
+    `ranked_top` order (score descending, position ascending)."""
+    scores, positions = np.concatenate([a[0], b[0]], 1), np.concatenate([a[1], b[1]], 1)
+    order = np.lexsort((positions, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
 
 
 @dataclass
@@ -186,6 +214,46 @@ class NegativeSelection:
         return sum(negs is None for negs in self.negatives)
 
 
+@dataclass
+class IndexSelection:
+    """`select_negative_indices` per row: corpus positions of its negatives (None: too few), and its counts."""
+
+    picked: list[list[int] | None]
+    available: list[int]
+    topped_up: list[bool]
+    short: list[bool]
+
+
+def select_negative_indices(candidates: np.ndarray, size: int, banned: Sequence[set[int]], n: int, seed: int,
+                            row_keys: Sequence[int], min_negatives: int | None = None,
+                            keep_candidates: bool = False) -> IndexSelection:  # fmt: skip
+    """`select_negatives` on corpus positions: ``size`` distinct documents, ``banned`` per row the positions of
+    its gold documents and of its query text (when in the corpus). What the mining job's search actors run."""
+    min_negatives = n if min_negatives is None else min_negatives
+    out = IndexSelection([], [], [], [])
+    for i, key in enumerate(row_keys):
+        eligible = size - len(banned[i])
+        out.available.append(eligible)
+        if eligible < min_negatives:
+            out.picked.append(None)
+            out.topped_up.append(False)
+            out.short.append(False)
+            continue
+        want = min(n, eligible)
+        out.short.append(want < n)
+        rng = np.random.default_rng([seed, int(key)])
+        pool = [j for j in dict.fromkeys(int(c) for c in candidates[i]) if j not in banned[i]]
+        if keep_candidates:
+            picked = pool
+        else:
+            picked = [pool[j] for j in rng.choice(len(pool), size=min(want, len(pool)), replace=False)] if pool else []
+        out.topped_up.append(len(picked) < want)
+        if len(picked) < want:
+            picked += random_fill(rng, size, banned[i] | set(picked), want - len(picked))
+        out.picked.append(picked)
+    return out
+
+
 def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Sequence[str],
                      golds: Sequence[Collection[str]], n: int, seed: int, row_keys: Sequence[int],
                      min_negatives: int | None = None, keep_candidates: bool = False) -> NegativeSelection:  # fmt: skip
@@ -196,32 +264,14 @@ def select_negatives(candidates: np.ndarray, corpus: Sequence[str], queries: Seq
 
     Before any sampling, each row's eligible texts are counted: a row with fewer than ``min_negatives`` (default
     ``n``) gets None, one with at least that many but fewer than ``n`` gets all of them."""
-    min_negatives = n if min_negatives is None else min_negatives
     position = {text: j for j, text in enumerate(corpus)}
     if len(position) != len(corpus):
         raise ValueError("the corpus must hold distinct texts")
-    negatives: list[list[str] | None] = []
-    available, topped_up, short = [], 0, 0
-    for i, key in enumerate(row_keys):
-        banned = {position[t] for t in (*golds[i], queries[i]) if t in position}
-        eligible = len(corpus) - len(banned)
-        available.append(eligible)
-        if eligible < min_negatives:
-            negatives.append(None)
-            continue
-        want = min(n, eligible)
-        short += want < n
-        rng = np.random.default_rng([seed, int(key)])
-        pool = [j for j in dict.fromkeys(int(c) for c in candidates[i]) if j not in banned]
-        if keep_candidates:
-            picked = pool
-        else:
-            picked = [pool[j] for j in rng.choice(len(pool), size=min(want, len(pool)), replace=False)] if pool else []
-        if len(picked) < want:
-            topped_up += 1
-            picked += random_fill(rng, len(corpus), banned | set(picked), want - len(picked))
-        negatives.append([corpus[j] for j in picked])
-    return NegativeSelection(negatives, available, topped_up, short)
+    banned = [{position[t] for t in (*golds[i], queries[i]) if t in position} for i in range(len(row_keys))]
+    picked = select_negative_indices(candidates, len(corpus), banned, n, seed, row_keys, min_negatives,
+                                     keep_candidates)  # fmt: skip
+    return NegativeSelection([None if p is None else [corpus[j] for j in p] for p in picked.picked], picked.available,
+                             sum(picked.topped_up), sum(picked.short))  # fmt: skip
 
 
 def random_fill(rng: np.random.Generator, size: int, excluded: set[int], count: int) -> list[int]:
