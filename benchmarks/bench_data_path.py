@@ -4,6 +4,7 @@
     .venv/bin/python -m benchmarks.bench_data_path batches --data /tmp/pairs-200k /tmp/pairs-2m --workers 2 [--peer]
     .venv/bin/python -m benchmarks.bench_data_path filter --data /tmp/pairs-200k /tmp/pairs-2m --out /tmp/kept
     .venv/bin/python -m benchmarks.bench_data_path pipeline --data /tmp/pairs-200k /tmp/pairs-2m --out /tmp/kept
+    .venv/bin/python -m benchmarks.bench_data_path mine --data /tmp/pairs-200k /tmp/pairs-2m --out /tmp/triplets
 
 ``generate`` writes a ``pairs/`` folder: 5 sources of different sizes; queries of 2-12 content words, documents of
 12-60 words drawn Zipf-like from the shared Wikipedia sample's vocabulary, starting with half of their query's
@@ -13,7 +14,9 @@ standing in for the Train workers, each reading only its own slice; ``--peer`` i
 worker reads and sorts the whole dataset and keeps its slice. ``filter`` runs the consistency filter
 (`ops.pair_data.AssignChunks`, `consistency_filter`) on the pairs, text included, with random embeddings standing
 in for the teacher (`PairedRandomEmbed`), and writes the kept pairs as a ``pairs/`` folder (`ops.io`) under
-``--out``; ``pipeline`` runs ``filter`` and then ``batches`` over the kept pairs, as the pipeline's stages do. Each
+``--out``; ``pipeline`` runs ``filter`` and then ``batches`` over the kept pairs, as the pipeline's stages do;
+``mine`` runs hard-negative mining (`ops.mine_negatives.mine`) with a text-hash stand-in teacher (`TextHashEmbed`),
+each source split in 8 so that the exact search, quadratic per source, stays seconds, and writes the triplets. Each
 ``--data`` folder is one run, in the order given, in one Ray session; each prints one JSON line: rows,
 seconds, rows/s, the driver's peak RSS during that run (sampled every 20 ms) and the feeder's.
 """
@@ -270,6 +273,62 @@ def run_filter(data: Path, out: Path, chunk_size: int) -> dict:
     return {"rows": rows, "dropped": rows - kept, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds)}
 
 
+SPLIT_SOURCES = 8  # mining: each generated source split in 8 (by row id), so the exact per-source search stays small
+
+
+class TextHashEmbed:
+    """``map_batches``: a stand-in teacher for mining without a model: each text's embedding is a random direction
+    seeded by a hash of the text (the same text, the same vector), L2-normalised, fp16, as ``<column>_emb``."""
+
+    def __init__(self, columns: list[str], dim: int = EMBEDDING_DIM):
+        self.columns, self.random = columns, PairedRandomEmbed(dim)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ops.mine_negatives import text_hash
+
+        for column in self.columns:
+            v = self.random.gaussian(text_hash([str(t) for t in batch[column]]), 0)
+            batch[f"{column}_emb"] = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+        return batch
+
+
+def as_mining_rows(batch: pa.Table) -> pa.Table:
+    """Generated pairs -> the rows `ops.mine_negatives.mine` reads (``key``, ``file``, ``line``), each source split in
+    `SPLIT_SOURCES` by row id."""
+    ids = batch.column("row_id").to_numpy()
+    parts = pc.binary_join_element_wise(batch.column("source"), pa.array((ids % SPLIT_SOURCES).astype(str)), "-")
+    batch = batch.set_column(batch.schema.get_field_index("source"), "source", parts)
+    return batch.append_column("key", batch.column("row_id")).append_column(
+        "file", pa.array(["generated"] * len(ids))).append_column("line", batch.column("row_id"))  # fmt: skip
+
+
+def run_mine(data: Path, out: Path, chunk_size: int) -> dict:
+    """Hard-negative mining as `ops.mine_negatives` runs it, `TextHashEmbed` standing in for the teacher: 7 of the top
+    20 negatives per pair, the triplets written as a ``triplets/`` folder under ``--out``."""
+    import ray
+
+    from ops import io
+    from ops.mine_negatives import MineNegativesConfig, mine, write_mined
+
+    started = time.perf_counter()
+    files = io.list_files(str(data / "part-*.parquet"))
+    config = MineNegativesConfig(sources=[], output=str(out), chunk_size=chunk_size, num_cpus=0.5,
+                                 search_partitions=4)  # 2 CPUs: few shuffle aggregators
+
+    def embed(ds, columns):
+        return ds.map_batches(TextHashEmbed, fn_constructor_args=(columns,), batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)  # fmt: skip
+
+    pairs = ray.data.read_parquet(files).map_batches(as_mining_rows, batch_format="pyarrow", num_cpus=0.5)
+    io.prepare_output(str(out), overwrite=True)
+    rows_out, counts = write_mined(mine(pairs, config, embed), str(out), config.least_negatives, len(files))
+    seconds = time.perf_counter() - started
+    rows = rows_out + sum(counts.quarantined.values())
+    return {"rows": rows, "rows_out": rows_out, "sources": len(counts.topped_up),
+            "negatives_per_row": counts.negatives_per_row, "seconds": round(seconds, 2),
+            "rows_per_s": round(rows / seconds)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,11 +337,11 @@ def main() -> None:
     gen.add_argument("--out", type=Path, required=True)
     batches = sub.add_parser("batches")
     batches.add_argument("--peer", action="store_true")
-    filtering, pipeline = sub.add_parser("filter"), sub.add_parser("pipeline")
-    for p in (filtering, pipeline):
+    filtering, pipeline, mining = sub.add_parser("filter"), sub.add_parser("pipeline"), sub.add_parser("mine")
+    for p in (filtering, pipeline, mining):
         p.add_argument("--out", type=Path, required=True, help="kept pairs go to <out>/<data folder name>")
         p.add_argument("--chunk-size", type=int, default=5000)
-    for p in (batches, filtering, pipeline):
+    for p in (batches, filtering, pipeline, mining):
         p.add_argument("--data", type=Path, nargs="+", required=True)
         p.add_argument("--workers", type=int, default=2)
         p.add_argument("--global-batch", type=int, default=1024)
@@ -294,6 +353,7 @@ def main() -> None:
     start_ray(args.object_store_mb)
     for data in args.data:
         runs = {"filter": lambda: run_filter(data, args.out / data.name, args.chunk_size),
+                "mine": lambda: run_mine(data, args.out / data.name, args.chunk_size),
                 "batches": lambda: run_batches(args.out / data.name if args.command == "pipeline" else data,
                                                args.workers, args.global_batch, args.command == "batches" and args.peer)}
         for name in ("filter", "batches") if args.command == "pipeline" else (args.command,):

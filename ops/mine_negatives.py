@@ -75,6 +75,8 @@ class MineNegativesConfig:
     chunk_size: int = 100_000  # queries per search chunk, about (each chunk reads its source's corpus)
     search_actors: int = 1  # chunks searched at once (GPU ones with teacher.num_gpus)
     search_cpus: float = 0.25  # logical CPUs per search actor
+    search_partitions: int = 0  # partitions of the chunk shuffle; 0 = one per chunk (up to 1000). Fewer: fewer
+    #   shuffle aggregators (each costs seconds on a small machine), more chunks held per partition
     max_chars: int = 100_000
     num_cpus: float = 1.0  # per read task
     resources: dict[str, float] = field(default_factory=dict)  # custom resources per read task, e.g. {data_node: 1}
@@ -85,9 +87,9 @@ class MineNegativesConfig:
             raise ValueError(f"need 1 <= num_negatives ({self.num_negatives}) <= candidates ({self.candidates})")
         if self.min_negatives is not None and not 1 <= self.min_negatives <= self.num_negatives:
             raise ValueError(f"need 1 <= min_negatives ({self.min_negatives}) <= num_negatives ({self.num_negatives})")
-        if self.chunk_size < 1 or self.search_actors < 1:
-            raise ValueError(f"chunk_size and search_actors must be positive, got {self.chunk_size}, "
-                             f"{self.search_actors}")  # fmt: skip
+        if self.chunk_size < 1 or self.search_actors < 1 or self.search_partitions < 0:
+            raise ValueError(f"chunk_size and search_actors must be positive and search_partitions >= 0, got "
+                             f"{self.chunk_size}, {self.search_actors}, {self.search_partitions}")  # fmt: skip
 
     @property
     def least_negatives(self) -> int:
@@ -332,13 +334,15 @@ def mine(pairs, config: MineNegativesConfig, embed: Embed | None = None):
     unknown = sorted(set(config.corpora) - set(counts))
     if unknown:
         raise ValueError(f"corpora name source(s) {unknown} that are not among the sources {sorted(counts)}")
+    log.info("mining: %d rows in %d sources; building and embedding the corpus", sum(counts.values()), len(counts))
     corpus, sizes = embed_corpus(pairs, counts, config, embed)
+    log.info("mining: corpus of %d texts embedded; searching", sum(sizes.values()))
     chunks = QueryChunks(counts, config.chunk_size)
     embedded = embed(pairs.map_batches(chunks, batch_format="pyarrow", num_cpus=config.num_cpus,
                                        resources=config.resources), ["query"])  # fmt: skip
     settings = {"candidates": config.candidates, "num_negatives": config.num_negatives, "seed": config.seed,
                 "least_negatives": config.least_negatives, "keep_candidates": config.keep_candidates}  # fmt: skip
-    searched = embedded.groupby("chunk", num_partitions=max(1, min(chunks.num_chunks, MAX_PARTITIONS))).map_groups(
+    searched = embedded.groupby("chunk", num_partitions=max(1, min(chunks.num_chunks, config.search_partitions or MAX_PARTITIONS))).map_groups(
         ChunkMine, batch_format="pyarrow",
         fn_constructor_kwargs={"corpus": ray.put(corpus), "sizes": sizes, "config": settings},
         compute=ray.data.ActorPoolStrategy(size=config.search_actors, max_tasks_in_flight_per_actor=1),

@@ -10,7 +10,7 @@ import pytest
 from time_limit import time_limit
 
 from ops.readers import clean_negatives
-from ops.teacher import random_fill, select_negatives
+from ops.teacher import merge_top, random_fill, select_negatives, shard_top
 from workflows.contrastive import texts_of
 
 CORPUS = [f"doc {i}" for i in range(9)]
@@ -75,3 +75,22 @@ def test_trainer_draws_fresh_negatives_from_kept_candidates_each_epoch():
     assert len({tuple(sorted(d[1:])) for d in draws}) == 6
     assert texts_of(batch, 7, seed=1, index=2)[1] == draws[2]
     assert len({n for d in draws for n in d[1:]}) > 15  # the whole top-k gets used over epochs
+
+
+def test_search_over_corpus_shards_merges_to_the_whole_corpus_search_ties_included():
+    """The mining search's order: score descending, then corpus position. Duplicated corpus vectors make ties at
+    and across the k-th place; the tops of 4 uneven shards, merged, equal one ranking of the whole corpus."""
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((50, 8)).astype(np.float16)
+    corpus[30:45] = corpus[5:20]  # 15 exact duplicates: equal scores at different positions
+    queries = np.concatenate([rng.standard_normal((6, 8)), corpus[5:8].astype(np.float64)]).astype(np.float16)
+    scores = queries.astype(np.float32) @ corpus.astype(np.float32).T
+    expected = np.lexsort((np.broadcast_to(np.arange(50), scores.shape), -scores), axis=1)[:, :10]
+    merged = None
+    for lo, hi in ((0, 7), (7, 31), (31, 32), (32, 50)):
+        part = shard_top(queries, corpus[lo:hi], np.arange(lo, hi), 10, device="cpu")
+        merged = part if merged is None else merge_top(merged, part, 10)
+    assert (merged[1] == expected).all()
+    assert np.array_equal(merged[0], np.take_along_axis(scores, expected, 1))
+    whole = shard_top(queries, corpus, np.arange(50), 10, device="cpu")
+    assert (whole[1] == expected).all() and shard_top(queries, corpus[:3], np.arange(3), 10)[1].shape == (9, 3)

@@ -3,6 +3,7 @@ prefixes, single-source global batches, the consistency filter against brute for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -171,21 +172,79 @@ def tiny_source(path: Path) -> dict:
             "document_prefix": "search_document"}  # fmt: skip
 
 
+def brute_force_mined(config: MineNegativesConfig, cache: Path, scratch: Path):
+    """Mining as one process does it, from the job's own teacher embeddings (its embedding cache): the rows in key
+    order; per source the corpus = every positive and given negative in row order, deduplicated; an exact float32
+    search ranked by (score, corpus position); `select_negatives`. -> (kept rows' (source, query, document,
+    negatives) in key order, quarantined rows' (source, line), keys of rows with a float64 near tie (< 1e-6) among
+    their first candidates + 1, where float32 sums in another order may rank either way)."""
+    import pyarrow as pa
+    import ray
+
+    from ops.embedding_cache import EmbeddingCache, model_fingerprint
+    from ops.pair_data import read_pairs
+    from ops.readers import preflight
+    from ops.teacher import resolve_teacher, select_negatives
+
+    def uncached(texts):
+        raise AssertionError(f"{len(texts)} texts the job never embedded, e.g. {texts[0]!r}")
+
+    folder = resolve_teacher(config.teacher.model)
+    stored = EmbeddingCache(cache, model_fingerprint(folder), config.teacher.max_length, "cpu-fp32")
+
+    def embed(texts: list[str]) -> np.ndarray:
+        raw = stored.embed(texts, uncached)
+        return (raw / np.linalg.norm(raw, axis=-1, keepdims=True)).astype(np.float16)
+
+    reader = dataclasses.replace(config, output=str(scratch))
+    table = pa.concat_tables(ray.get(read_pairs(reader, preflight(config.sources, "pairs")).to_arrow_refs()),
+                             promote_options="default")
+    rows = sorted(table.to_pylist(), key=lambda r: r["key"])
+    result, kept, quarantined, ties = {}, [], [], set()
+    for source in sorted({r["source"] for r in rows}):
+        mine = [r for r in rows if r["source"] == source]
+        corpus = list(dict.fromkeys(t for r in mine for t in [r["document"], *(r.get("negatives") or [])]))
+        golds: dict[str, set[str]] = {}
+        for r in mine:
+            golds.setdefault(r["query"], set()).add(r["document"])
+        q, c = embed([r["query"] for r in mine]), embed(corpus)
+        scores = q.astype(np.float32) @ c.astype(np.float32).T
+        order = np.lexsort((np.broadcast_to(np.arange(len(corpus)), scores.shape), -scores), axis=1)
+        top = order[:, : config.candidates]
+        exact = np.sort(q.astype(np.float64) @ c.astype(np.float64).T, axis=1)[:, ::-1][:, : config.candidates + 1]
+        ties |= {r["key"] for r, gaps in zip(mine, -np.diff(exact, axis=1), strict=True) if (gaps < 1e-6).any()}
+        picked = select_negatives(top, corpus, [r["query"] for r in mine], [golds[r["query"]] for r in mine],
+                                  config.num_negatives, config.seed, [r["key"] for r in mine],
+                                  config.least_negatives, config.keep_candidates)  # fmt: skip
+        result.update({r["key"]: (r, negs) for r, negs in zip(mine, picked.negatives, strict=True)})
+    for key in sorted(result):
+        r, negs = result[key]
+        if negs is None:
+            quarantined.append((r["source"], r["line"]))
+        else:
+            kept.append((r["source"], r["query"], r["document"], negs, key in ties))
+    return kept, quarantined, ties
+
+
 def test_mined_negatives_exclude_gold_and_query(ray_session, shared_data, tmp_path):
     """Two real sources plus a 9-document one that cannot give its 3-gold query 7 negatives: the job ends (under
-    a time limit) with those rows quarantined and counted, and every kept row holds 7 valid negatives."""
+    a time limit) with those rows quarantined and counted, and every kept row holds 7 valid negatives, exactly
+    those a single-process search and selection over the same teacher embeddings gives. ``candidates`` =
+    ``num_negatives``, so a row whose gold is among its candidates is topped up at random (the corpus order
+    decides which documents), and small chunks (several per source) in the search."""
     out = tmp_path / "triplets"
     pairs = shared_data / "pairs"
     with time_limit(600):
-        manifest = run_mine(load_config(MineNegativesConfig, raw={
-            "output": str(out), "num_negatives": 7, "candidates": 20, "seed": 1, "num_cpus": 0.5,
-            "teacher": TEACHER, "sources": [
+        config = load_config(MineNegativesConfig, raw={
+            "output": str(out), "num_negatives": 7, "candidates": 7, "seed": 1, "num_cpus": 0.5, "chunk_size": 30,
+            "teacher": {**TEACHER, "embedding_cache": str(tmp_path / "cache")}, "sources": [
                 {"name": "nli", "path": str(pairs / "snli_triplets.jsonl"), "query_column": "anchor",
                  "document_column": "positive", "negatives_column": "negative", "query_prefix": "classification",
                  "document_prefix": "classification", "max_rows_per_file": 100},
                 {"name": "stackexchange", "path": str(pairs / "stackexchange_pairs.jsonl"),
                  "query_prefix": "clustering", "document_prefix": "clustering", "max_rows_per_file": 40},
-                tiny_source(tmp_path / "tiny.jsonl")]}))  # fmt: skip
+                tiny_source(tmp_path / "tiny.jsonl")]})  # fmt: skip
+        manifest = run_mine(config)
     table = pq.read_table(sorted(out.glob("part-*.parquet")))
     assert table.num_rows == manifest["rows_out"] == 146
     assert manifest["rows_per_source"] == {"nli": 100, "stackexchange": 40, "tiny": 6}
@@ -211,3 +270,12 @@ def test_mined_negatives_exclude_gold_and_query(ray_session, shared_data, tmp_pa
         assert r["document"] not in negs and r["query"] not in negs
         assert not golds[(r["source"], r["query"])] & set(negs)  # no positive of the same query either
         assert set(negs) <= corpus[r["source"]]
+    kept, quarantined_rows, ties = brute_force_mined(config, tmp_path / "cache", tmp_path / "reference")
+    got = [(r["source"], r["query"], r["document"], r["negatives"]) for r in table.to_pylist()]
+    assert [k[:3] for k in kept] == [g[:3] for g in got]  # the same rows, in the same (key) order
+    differ = [g for g, k in zip(got, kept, strict=True) if g[3] != k[3]]
+    assert all(k[4] for g, k in zip(got, kept, strict=True) if g[3] != k[3]) and len(ties) < 5, (differ, ties)
+    assert quarantined_rows == [(q["source"], q["line"]) for q in quarantined]
+    topped_up = sum(manifest["rows_topped_up_with_random"].values())
+    assert topped_up > 100 and set(manifest["rows_topped_up_with_random"]) == {"nli", "stackexchange", "tiny"}
+    print(f"brute force: {len(kept)} rows, {len(differ)} differ, {len(ties)} near ties, {topped_up} topped up")

@@ -1,6 +1,6 @@
-"""Driver memory flat in data size: the consistency filter and then the training data path on generated pairs (5
-sources, realistic text lengths) at two sizes 10x apart, in one process of `benchmarks.bench_data_path` (one Ray
-session, the small size first, the driver's peak RSS sampled during each run).
+"""Driver memory flat in data size: the consistency filter and then the training data path, and hard-negative
+mining, on generated pairs (5 sources, realistic text lengths) at two sizes 10x apart, each in one process of
+`benchmarks.bench_data_path` (one Ray session, the small size first, the driver's peak RSS sampled during each run).
 
 CI runs 20k vs 200k pairs. The issue's sizes (about 15 minutes on 2 cores):
 
@@ -90,3 +90,15 @@ def test_filter_then_batches_keep_driver_memory_flat_and_match_brute_force(gener
     assert small["filter"]["dropped"] == SMALL - len(got)
     assert 0.1 < small["filter"]["dropped"] / SMALL < 0.5  # the filter really decides
     print(f"brute force: {len(expected)} of {SMALL} kept, {len(differ)} differ, {len(ties)} near ties")
+
+
+def test_mining_keeps_driver_memory_flat(generated, tmp_path):
+    """Hard-negative mining (`ops.mine_negatives.mine`, a text-hash stand-in teacher, each source split in 8) at both
+    sizes in one driver: every row gets 7 negatives, and the driver's peak RSS grows by less than 15%."""
+    small, large = bench("mine", "--out", str(tmp_path), "--chunk-size", str(CHUNK),
+                         "--data", str(generated[SMALL]), str(generated[LARGE]))  # fmt: skip
+    print("small:", small, "\nlarge:", large)
+    assert (small["rows"], large["rows"]) == (SMALL, LARGE) and small["sources"] == large["sources"] == 40
+    for run in (small, large):
+        assert run["rows_out"] == run["rows"] and run["negatives_per_row"] == {"min": 7, "max": 7}, run
+    assert large["driver_peak_rss_mb"] < 1.15 * small["driver_peak_rss_mb"]
