@@ -55,13 +55,6 @@ def test_tiny_transformers_folder_equals_sentence_transformers(tiny_bert):
     torch.testing.assert_close(ours, st_encode(tiny_bert, TEXTS), atol=1e-5, rtol=0)
 
 
-def test_length_batches_cut_where_padding_would_cost_more_than_a_forward(tiny_bert):
-    lengths = [5, 60, 6, 61, 59]
-    assert load_encoder(tiny_bert, pad_tokens=8).length_batches(lengths) == [[0, 2], [4, 1, 3]]
-    assert load_encoder(tiny_bert, pad_tokens=1000).length_batches(lengths) == [[0, 2, 4, 1, 3]]
-    assert load_encoder(tiny_bert).length_batches(lengths) == [[0, 2], [4, 1, 3]]  # the CPU default
-
-
 def test_minilm_package_equals_sentence_transformers(minilm_path):
     encoder = load_encoder(minilm_path)
     assert encoder.max_length == 256 and encoder.normalize and encoder.prompts == {}
