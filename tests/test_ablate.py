@@ -88,3 +88,22 @@ def test_the_best_trial_is_never_chosen_on_a_test_split(tmp_path, shared_data):
     with pytest.raises(ConfigError, match="also validation names"):
         ablate_config(tmp_path, shared_data, "data", "init",
                       **{"report.sts": [f"stsb-dev={shared_data}/stsb/test.tsv"]})  # fmt: skip
+
+
+def test_search_grid_sets_each_trial_and_rejects_what_it_cannot_vary(tmp_path, shared_data):
+    config = ablate_config(tmp_path, shared_data, "data", "init",
+                           search={"optim.lr": [1e-5, 5e-5], "document_max_length": [128, 256]})  # fmt: skip
+    grid = ablate.settings(config)
+    assert len(grid) == 4 and [g["document_max_length"] for g in grid] == [128, 256, 128, 256]
+    raw = ablate.finetune_raw(config)
+    cfg = ablate.trial_config(raw, config, 1, "all", "t0", grid[-1])
+    assert (cfg.optim.lr, cfg.document_max_length, cfg.num_negatives) == (5e-5, 256, 1)
+    assert ablate.trial_name(1, "all", grid[-1]) == "negatives=1,mixture=all,optim.lr=5e-05,document_max_length=256"
+    assert ablate.trial_config(raw, config, 1, "all", "t1").optim.lr == raw["optim"]["lr"]  # the setting did not leak
+    with pytest.raises(ConfigError, match="lrr"):
+        ablate.trial_config(raw, config, 1, "all", "t2", {"optim.lrr": 1e-5})
+    for key in ("num_negatives", "data", "run.num_workers"):
+        with pytest.raises(ConfigError, match="not searchable"):
+            ablate_config(tmp_path, shared_data, "data", "init", search={key: [1]})
+    with pytest.raises(ConfigError, match="non-empty list"):
+        ablate_config(tmp_path, shared_data, "data", "init", search={"epochs": []})

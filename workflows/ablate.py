@@ -1,12 +1,14 @@
-"""Ray Tune ablation of the fine-tuning stage: hard negatives per query x dataset mixture (spec §7.1).
+"""Ray Tune ablation of the fine-tuning stage: hard negatives per query x dataset mixture (spec §7.1), optionally
+x a grid of other fine-tuning settings (``search``: learning rate, epochs, document length, ...).
 
     python -m workflows.ablate --config workflows/configs/ablate.yaml [key=value ...]
     ray job submit --working-dir . -- python -m workflows.ablate --config workflows/configs/ablate.yaml
 
 Every trial is a real `workflows.finetune` run (the finetune YAML + ``finetune_overrides`` + the trial's
-``num_negatives`` and ``source_weights``) followed by `evaluation.run` on the ``evaluate`` suites; the trial
-reports ``metric`` to Tune. MLflow: one parent run (``name``) in ``experiment``; every trial is a child run named
-``negatives=<n>,mixture=<name>`` with params ``num_negatives``, ``mixture``, the whole finetune config, the
+``num_negatives``, ``source_weights`` and ``search`` setting) followed by `evaluation.run` on the ``evaluate``
+suites; the trial reports ``metric`` to Tune. MLflow: one parent run (``name``) in ``experiment``; every trial is a
+child run named ``negatives=<n>,mixture=<name>[,<key>=<value>...]`` with params ``num_negatives``, ``mixture``,
+``search.<key>``, the whole finetune config, the
 training metrics and the evaluation scores. The best trial is chosen on held-out validation data only
 (``evaluate``: BEIR validation folders of `evaluation.beir_split`, STS dev files; a test split there is an error),
 printed, tagged on the parent run (``best_trial``, ``best_num_negatives``, ``best_mixture``, ``selected_on``) and
@@ -25,7 +27,8 @@ trials then share the cluster's GPUs through Ray's scheduler.
 
 from __future__ import annotations
 
-import copy
+import itertools
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ class AblateEval:
     beir: list[str] = field(default_factory=list)  # [NAME=]PATH validation/ folders of `evaluation.beir_split`
     sts: list[str] = field(default_factory=list)  # [NAME=]PATH STS dev/validation files
     limit: int | None = None  # first N queries / pairs of each task (CI)
+    cpu_bf16: bool = False  # bf16 autocast on CPU (evaluation.EvalConfig.cpu_bf16): the same for every trial
 
     def __post_init__(self) -> None:
         for kind, items in (("beir", self.beir), ("sts", self.sts)):
@@ -84,10 +88,17 @@ class AblateConfig:
     name: str  # Tune run name and MLflow parent run name
     report: AblateReport = field(default_factory=AblateReport)
     report_metric: str | None = None  # a metric of the report suites, e.g. beir/scifact/ndcg_at_10
+    search: dict[str, list[Any]] = field(default_factory=dict)  # finetune key (dotted) -> values, gridded too
 
     def __post_init__(self) -> None:
         if not self.num_negatives or min(self.num_negatives) < 0:
             raise ValueError("num_negatives must be a non-empty list of counts >= 0")
+        for key, values in self.search.items():
+            if key in SEARCH_RESERVED or key.split(".")[0] in ("run", "mlflow"):
+                raise ValueError(f"search.{key}: not searchable here (num_negatives and mixtures have their own "
+                                 "grids; data, paths, run.* and mlflow.* are the same for every trial)")  # fmt: skip
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"search.{key} must be a non-empty list of values")
         if not self.mixtures:
             raise ValueError("mixtures must name at least one mixture (e.g. {all: null})")
         for name, weights in self.mixtures.items():
@@ -105,8 +116,18 @@ class AblateConfig:
             raise ValueError("trial_cpus must be > 0, trial_gpus >= 0, max_concurrent_trials >= 1")
 
 
-def trial_name(num_negatives: int, mixture: str) -> str:
-    return f"negatives={num_negatives},mixture={mixture}"
+SEARCH_RESERVED = ("num_negatives", "source_weights", "data", "output_dir", "init_checkpoint")
+
+
+def settings(config: AblateConfig) -> list[dict[str, Any]]:
+    """The ``search`` grid as one dict per combination ([{}] without a search)."""
+    keys = list(config.search)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(config.search[k] for k in keys))]
+
+
+def trial_name(num_negatives: int, mixture: str, setting: dict[str, Any] | None = None) -> str:
+    return ",".join([f"negatives={num_negatives}", f"mixture={mixture}",
+                     *(f"{k}={v}" for k, v in (setting or {}).items())])  # fmt: skip
 
 
 def finetune_raw(config: AblateConfig) -> dict[str, Any]:
@@ -116,15 +137,15 @@ def finetune_raw(config: AblateConfig) -> dict[str, Any]:
 
 
 def trial_config(raw: dict[str, Any], config: AblateConfig, num_negatives: int, mixture: str,
-                 trial_id: str) -> finetune.FinetuneConfig:  # fmt: skip
-    from ops.config import from_dict
+                 trial_id: str, setting: dict[str, Any] | None = None) -> finetune.FinetuneConfig:  # fmt: skip
+    from ops.config import apply_overrides, from_dict
 
-    raw = copy.deepcopy(raw)
+    raw = apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in (setting or {}).items()])
     root = Path(config.storage_path).resolve() / config.name / f"negatives{num_negatives}-{mixture}-{trial_id}"
     raw.update(num_negatives=num_negatives, source_weights=config.mixtures[mixture], output_dir=str(root / "model"))
     raw["run"] = {**raw["run"], "name": "finetune", "storage_path": str(root / "ray")}
     raw["mlflow"] = {**raw["mlflow"], "experiment": config.experiment, "registered_model": None}  # trials: no versions
-    return from_dict(finetune.FinetuneConfig, raw, where=f"trial {trial_name(num_negatives, mixture)}")
+    return from_dict(finetune.FinetuneConfig, raw, where=f"trial {trial_name(num_negatives, mixture, setting)}")
 
 
 def check_data(raw: dict[str, Any], config: AblateConfig) -> None:
@@ -185,18 +206,21 @@ def fine_tune_and_evaluate(params: dict[str, Any], setup: dict[str, Any], trial_
 
     config: AblateConfig = setup["config"]
     os.environ["MLFLOW_TRACKING_URI"] = setup["tracking_uri"]  # finetune and evaluation read it too
-    negatives, mixture = int(params["num_negatives"]), str(params["mixture"])
-    cfg = trial_config(setup["finetune"], config, negatives, mixture, trial_id)
+    negatives, mixture, setting = int(params["num_negatives"]), str(params["mixture"]), dict(params["setting"])
+    cfg = trial_config(setup["finetune"], config, negatives, mixture, trial_id, setting)
     tags = {"mlflow.parentRunId": setup["parent_run_id"], "ablation": config.name, "tune_trial_id": trial_id}
-    with mlflow.start_run(experiment_id=setup["experiment_id"], run_name=trial_name(negatives, mixture), tags=tags):
+    name = trial_name(negatives, mixture, setting)
+    with mlflow.start_run(experiment_id=setup["experiment_id"], run_name=name, tags=tags):
         mlflow.log_params({"num_negatives": negatives, "mixture": mixture,
+                           **{f"search.{k}": str(v) for k, v in setting.items()},
                            **{f"finetune.{k}": str(v)[:500] for k, v in flatten(cfg).items()
                               if k not in ("num_negatives",)}})  # fmt: skip
         result = finetune.run(cfg)  # logs its metrics and model into this (active) run
         # one evaluation run (one model load) scores the validation suites and the report (test) suites
         scores = evaluate(EvalConfig(model=result["model"], beir=[*config.evaluate.beir, *config.report.beir],
                                      sts=[*config.evaluate.sts, *config.report.sts], limit=config.evaluate.limit,
-                                     experiment=config.experiment, log_to_mlflow=True))  # fmt: skip
+                                     cpu_bf16=config.evaluate.cpu_bf16, experiment=config.experiment,
+                                     log_to_mlflow=True))  # fmt: skip
         for metric in filter(None, (config.metric, config.report_metric)):
             if metric not in scores:
                 raise KeyError(f"metric {metric!r} not among the evaluation scores {sorted(scores)}")
@@ -209,7 +233,7 @@ def fine_tune_and_evaluate(params: dict[str, Any], setup: dict[str, Any], trial_
 
 
 def run(config: AblateConfig) -> dict[str, Any]:
-    """Run the grid; returns {"best": {num_negatives, mixture, source_weights, score, mlflow_run_id}, "metric",
+    """Run the grid; returns {"best": {num_negatives, mixture, setting, source_weights, score, mlflow_run_id}, "metric",
     "trials": [...] (one per trial), "parent_run_id", "experiment_id"}."""
     import mlflow
     from ray import tune
@@ -222,7 +246,8 @@ def run(config: AblateConfig) -> dict[str, Any]:
     check_data(raw, config)
     for mixture in config.mixtures:  # every trial config must be valid before the first trial starts
         for negatives in config.num_negatives:
-            trial_config(raw, config, negatives, mixture, "check")
+            for setting in settings(config):
+                trial_config(raw, config, negatives, mixture, "check", setting)
     ingest.ray_data_setup()
     uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # the environment, not mlflow's global: that would outlive this call
@@ -237,7 +262,8 @@ def run(config: AblateConfig) -> dict[str, Any]:
         tuner = tune.Tuner(
             trainable,
             param_space={"num_negatives": tune.grid_search(list(config.num_negatives)),
-                         "mixture": tune.grid_search(list(config.mixtures))},  # fmt: skip
+                         "mixture": tune.grid_search(list(config.mixtures)),
+                         "setting": tune.grid_search(settings(config))},  # fmt: skip
             tune_config=tune.TuneConfig(metric="score", mode=config.mode,
                                         max_concurrent_trials=config.max_concurrent_trials),  # fmt: skip
             run_config=tune.RunConfig(name=config.name, storage_path=storage, verbose=0),
@@ -246,6 +272,7 @@ def run(config: AblateConfig) -> dict[str, Any]:
         trials = []
         for result in grid:
             entry = {"num_negatives": result.config["num_negatives"], "mixture": result.config["mixture"],
+                     "setting": dict(result.config["setting"]),
                      "score": (result.metrics or {}).get("score"),
                      "test_score": (result.metrics or {}).get("test_score"),
                      "mlflow_run_id": (result.metrics or {}).get("mlflow_run_id"),
@@ -257,7 +284,8 @@ def run(config: AblateConfig) -> dict[str, Any]:
             raise RuntimeError(f"every ablation trial failed: {[t['error'] for t in trials]}")
         best = (max if config.mode == "max" else min)(done, key=lambda t: t["score"])
         best = {**best, "source_weights": config.mixtures[best["mixture"]]}
-        mlflow.set_tags({"best_trial": trial_name(best["num_negatives"], best["mixture"]), "selected_on": "validation",
+        mlflow.set_tags({"best_trial": trial_name(best["num_negatives"], best["mixture"], best["setting"]),
+                         "selected_on": "validation",
                          "best_num_negatives": str(best["num_negatives"]), "best_mixture": best["mixture"],
                          "best_mlflow_run_id": str(best["mlflow_run_id"]), "metric": config.metric})  # fmt: skip
         mlflow.log_metric("ablate/best_score", best["score"])
@@ -265,10 +293,10 @@ def run(config: AblateConfig) -> dict[str, Any]:
             mlflow.log_metric("ablate/best_test_score", best["test_score"])
             mlflow.set_tag("report_metric", config.report_metric)
         print(f"[ablate] {len(done)}/{len(trials)} trials finished; best {config.metric} = {best['score']:.4f} "
-              f"with {trial_name(best['num_negatives'], best['mixture'])}")  # fmt: skip
+              f"with {trial_name(best['num_negatives'], best['mixture'], best['setting'])}")  # fmt: skip
         for t in sorted(done, key=lambda t: t["score"], reverse=config.mode == "max"):
             test = f" (test {config.report_metric} {t['test_score']:.4f})" if t["test_score"] is not None else ""
-            print(f"[ablate]   {trial_name(t['num_negatives'], t['mixture'])}: {t['score']:.4f}{test}")
+            print(f"[ablate]   {trial_name(t['num_negatives'], t['mixture'], t['setting'])}: {t['score']:.4f}{test}")
         return {"best": best, "metric": config.metric, "trials": trials, "parent_run_id": parent.info.run_id,
                 "experiment_id": experiment}
 
@@ -276,7 +304,7 @@ def run(config: AblateConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     from ops.config import cli
 
-    run(cli(AblateConfig, "Ray Tune ablation over hard negatives and dataset mixtures", argv))
+    run(cli(AblateConfig, "Ray Tune ablation over hard negatives, dataset mixtures and fine-tuning settings", argv))
 
 
 if __name__ == "__main__":
