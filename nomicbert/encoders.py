@@ -142,18 +142,22 @@ class NomicEncoder(Encoder):
         return export_all(self.model, folder, self.tokenizer)
 
 
+CPU_BATCH_TOKENS = 2048  # padded tokens per forward of a `transformers` encoder on the CPU (length_batches)
+ACCELERATOR_BATCH_TOKENS = 16384
+
+
 class TransformersEncoder(Encoder):
     """A `transformers` encoder with sentence-transformers style pooling, batched by similar length.
 
     Args: ``model`` an ``AutoModel`` (BERT family: right padding, ``attention_mask``); ``pooling``; ``normalize``
     (whether the model's embeddings are L2-normalised, kept for the export; the losses normalise anyway);
     ``recipe`` "v1.5" when a weightless LayerNorm follows the pooling (Matryoshka); ``batch_tokens`` the padded
-    token budget of one forward.
+    token budget of one forward (None: ``CPU_BATCH_TOKENS`` on the CPU, ``ACCELERATOR_BATCH_TOKENS`` elsewhere).
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_length: int, pooling: Pooling = "mean",
                  normalize: bool = True, recipe: str = "v1", prompts: dict[str, str] | None = None,
-                 batch_tokens: int = 16384):  # fmt: skip
+                 batch_tokens: int | None = None):  # fmt: skip
         super().__init__()
         if pooling not in POOLING_MODES:
             raise EncoderError(f"pooling {pooling!r} is not supported; choose one of {POOLING_MODES}")
@@ -167,13 +171,16 @@ class TransformersEncoder(Encoder):
         return int(self.model.config.hidden_size)
 
     def length_batches(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Indices sorted by length, cut so that (count x longest) stays within ``batch_tokens``. Not cut further to
-        save padding: on the CPU (MiniLM, 2 threads) forwards of a few rows cost more per token than the ~7% padding
-        they save (measured on the fine-tuning bench: 1.4x slower with at most 64 padding tokens per forward)."""
+        """Indices sorted by length, cut so that (count x longest) stays within the token budget. Not cut further
+        to save padding: on the CPU (MiniLM, 2 threads) forwards of a few rows cost more per token than the ~7%
+        padding they save (measured on the fine-tuning bench: 1.4x slower with at most 64 padding tokens per
+        forward). The CPU budget is small because a forward + backward over more than ~4k padded tokens falls off
+        a cliff there (MiniLM, 256 tokens: 32 rows 7.7-9.7 s, the same rows as 4 x 8 rows 4.0 s)."""
+        budget = self.batch_tokens or (CPU_BATCH_TOKENS if self.device.type == "cpu" else ACCELERATOR_BATCH_TOKENS)
         order = sorted(range(len(lengths)), key=lambda i: lengths[i])
         batches: list[list[int]] = []
         for i in order:
-            if batches and (len(batches[-1]) + 1) * lengths[i] <= self.batch_tokens:
+            if batches and (len(batches[-1]) + 1) * lengths[i] <= budget:
                 batches[-1].append(i)
             else:
                 batches.append([i])
@@ -238,7 +245,7 @@ def is_nomic_folder(folder: Path) -> bool:
 
 
 def load_encoder(source: str | os.PathLike, recipe: str | None = None, max_length: int | None = None,
-                 batch_tokens: int = 16384, **nomic_overrides) -> Encoder:  # fmt: skip
+                 batch_tokens: int | None = None, **nomic_overrides) -> Encoder:  # fmt: skip
     """Any supported checkpoint -> an `Encoder`, read strictly (a module or pooling we cannot reproduce is an
     `EncoderError` naming it).
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nomicbert.embed import TASK_PREFIXES, Embedder
-from nomicbert.encoders import EncoderError, NomicEncoder, TransformersEncoder, load_encoder
+from nomicbert.encoders import CPU_BATCH_TOKENS, EncoderError, NomicEncoder, TransformersEncoder, load_encoder
 from nomicbert.losses import ContrastiveLoss
 
 TEXTS = [
@@ -58,6 +58,8 @@ def test_tiny_transformers_folder_equals_sentence_transformers(tiny_bert):
 def test_minilm_package_equals_sentence_transformers(minilm_path):
     encoder = load_encoder(minilm_path)
     assert encoder.max_length == 256 and encoder.normalize and encoder.prompts == {}
+    # on the CPU one forward holds at most CPU_BATCH_TOKENS padded tokens: 32 x 256 tokens -> 4 forwards of 8 rows
+    assert [len(b) for b in encoder.length_batches([256] * 32)] == [CPU_BATCH_TOKENS // 256] * 4
     ours = encoder.encode(TEXTS)
     torch.testing.assert_close(ours, st_encode(minilm_path, TEXTS), atol=1e-5, rtol=0)
     # truncated like a Matryoshka model: first d features, L2 (what the evaluation does for a plain model)
