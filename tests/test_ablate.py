@@ -26,7 +26,7 @@ def ablate_config(tmp, shared_data, data, init, **overrides):
         "metric": "sts/stsb-dev/spearman", "report.sts": [f"stsb={shared_data / 'stsb' / 'test.tsv'}"],
         "report.beir": [], "report_metric": "sts/stsb/spearman", "storage_path": str(tmp / "ablate"),
         "experiment": "ablate-test",
-        "name": "ablate-test", "trial_cpus": 0.01,  # the trial task trains in-process; Ray Data needs the 2 CPUs
+        "name": "ablate-test", "trial_cpus": 1.0,  # as shipped: the trial task holds 1 of the 2 CPUs, Ray Data the other
     }  # fmt: skip
     items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in {**base, **overrides}.items()]
     return load_config(ablate.AblateConfig, PROJECT / "workflows" / "configs" / "ablate.yaml", items)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from typing import Any, Literal
 
 from workflows import finetune
 
+
+log = logging.getLogger(__name__)
 
 VALIDATION_NAMES = ("validation", "dev", "val")
 
@@ -232,6 +235,21 @@ def fine_tune_and_evaluate(params: dict[str, Any], setup: dict[str, Any], trial_
                 **{f"train_{k}": v for k, v in numeric(result["metrics"]).items() if "/" not in k}}
 
 
+def warn_if_no_cpu_left(config: AblateConfig) -> None:
+    """The trials' tasks hold ``trial_cpus`` each; their data tasks (1 CPU each) need what is left. Warn when the
+    cluster as it is now leaves less than one CPU (an autoscaler may still add nodes)."""
+    import ray
+
+    trials = len(config.num_negatives) * len(config.mixtures) * len(settings(config))
+    held = config.trial_cpus * min(config.max_concurrent_trials, trials)
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if total - held < 1:
+        log.warning("ablate: %d concurrent trial(s) x trial_cpus %.2f hold %.2f of the cluster's %.2f CPUs, leaving "
+                    "less than the 1 CPU each data task needs: trials will wait until nodes are added (lower "
+                    "trial_cpus or max_concurrent_trials)", min(config.max_concurrent_trials, trials),
+                    config.trial_cpus, held, total)  # fmt: skip
+
+
 def run(config: AblateConfig) -> dict[str, Any]:
     """Run the grid; returns {"best": {num_negatives, mixture, setting, source_weights, score, mlflow_run_id}, "metric",
     "trials": [...] (one per trial), "parent_run_id", "experiment_id"}."""
@@ -249,6 +267,7 @@ def run(config: AblateConfig) -> dict[str, Any]:
             for setting in settings(config):
                 trial_config(raw, config, negatives, mixture, "check", setting)
     ingest.ray_data_setup()
+    warn_if_no_cpu_left(config)
     uri = tracking.tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri  # the environment, not mlflow's global: that would outlive this call
     experiment = experiment_id(config.experiment)  # in the driver: trials must not create it (own CWD)
@@ -258,7 +277,9 @@ def run(config: AblateConfig) -> dict[str, Any]:
         setup = {"config": config, "finetune": raw, "tracking_uri": uri, "experiment_id": experiment,
                  "parent_run_id": parent.info.run_id, "mlflow_client_env": tracking.client_env()}  # fmt: skip
         # the trial itself only waits; its task holds trial_cpus / trial_gpus (see `trial`)
-        trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"cpu": 0.01})
+        # no CPU for the waiting trial itself (Tune needs some resource: 1 byte of memory), so that a trial costs
+        # exactly trial_cpus: with 0.01 here, trial_cpus=1 on 2 CPUs left 0.99 and the 1-CPU data tasks never ran
+        trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), {"cpu": 0, "memory": 1})
         tuner = tune.Tuner(
             trainable,
             param_space={"num_negatives": tune.grid_search(list(config.num_negatives)),
