@@ -42,6 +42,7 @@ from workflows import finetune
 log = logging.getLogger(__name__)
 
 VALIDATION_NAMES = ("validation", "dev", "val")
+SEARCH_RESERVED = ("num_negatives", "source_weights", "data", "output_dir", "init_checkpoint")  # not in `search`
 
 
 @dataclass
@@ -117,9 +118,6 @@ class AblateConfig:
             raise ValueError("report_metric needs report.beir or report.sts (the test splits it is read from)")
         if self.trial_cpus <= 0 or self.trial_gpus < 0 or self.max_concurrent_trials < 1:
             raise ValueError("trial_cpus must be > 0, trial_gpus >= 0, max_concurrent_trials >= 1")
-
-
-SEARCH_RESERVED = ("num_negatives", "source_weights", "data", "output_dir", "init_checkpoint")
 
 
 def settings(config: AblateConfig) -> list[dict[str, Any]]:
