@@ -103,6 +103,15 @@ class Encoder(nn.Module):
             self.train(was_training)
         return self.finalize(pooled.cpu(), dim, binary, normalize)
 
+    def set_dropout(self, rate: float) -> None:
+        """Every dropout of the model at ``rate`` while training (the Nomic recipe trains without dropout; a BERT
+        checkpoint's own is 0.1). The saved config keeps the checkpoint's values."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout must be within [0, 1) (got {rate})")
+        for module in self.model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = rate
+
     def save(self, folder: str | os.PathLike, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """A loadable model folder (weights, config, tokenizer); ``weights``: a full state dict of ``model`` when
         the live one is sharded."""
@@ -131,6 +140,11 @@ class NomicEncoder(Encoder):
         ids, segments = pack_sequences(token_lists, self.device)  # offsets on the host: the step never waits
         return mean_pool_packed(self.model.forward_packed(ids, segments), segments)
 
+    def set_dropout(self, rate: float) -> None:
+        if rate != 0.0:
+            raise ValueError(f"dropout {rate}: NomicBERT's encoder has no dropout (the recipe trains without); "
+                             "use 0.0 or null")  # fmt: skip
+
     def save(self, folder: str | os.PathLike, weights: dict[str, torch.Tensor] | None = None) -> Path:
         from nomicbert.checkpoint import save_pretrained
 
@@ -144,6 +158,34 @@ class NomicEncoder(Encoder):
 
 CPU_BATCH_TOKENS = 2048  # padded tokens per forward of a `transformers` encoder on the CPU (length_batches)
 ACCELERATOR_BATCH_TOKENS = 16384
+CPU_TRAINING_ATTENTION = "sdpa_cpu_training"
+
+
+def sdpa_cpu_training(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """`transformers`' SDPA attention, in fp32 when a model trains under bf16 autocast on the CPU: there PyTorch's
+    bf16 flash-attention backward is 3-5x slower than the fp32 one (MiniLM, 2 threads: a training step 1.5x faster
+    at 128 tokens; benchmarks/RESULTS.md). Inference and accelerators keep the plain SDPA path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not (module.training and query.device.type == "cpu" and query.dtype == torch.bfloat16):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    with torch.autocast("cpu", enabled=False):  # the mask is SDPA's boolean one (registered below)
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)  # fmt: skip
+    return out.to(query.dtype), weights
+
+
+def use_cpu_training_attention(model: nn.Module) -> None:
+    """Route an SDPA `transformers` model through `sdpa_cpu_training` (other attention implementations are kept)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(CPU_TRAINING_ATTENTION, sdpa_cpu_training)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CPU_TRAINING_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(CPU_TRAINING_ATTENTION)
 
 
 class TransformersEncoder(Encoder):
@@ -165,6 +207,7 @@ class TransformersEncoder(Encoder):
         self.pooling, self.normalize, self.recipe = pooling, normalize, recipe
         self.prompts = dict(prompts or {})
         self.batch_tokens = batch_tokens
+        use_cpu_training_attention(model)
 
     @property
     def hidden_size(self) -> int:

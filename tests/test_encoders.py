@@ -147,3 +147,55 @@ def test_evaluation_uses_the_prompts_a_model_was_trained_with(tiny_bert, tmp_pat
     raw = torch.from_numpy(evaluated.raw(["vitamin d and infections"], "search_query"))
     expected = encoder.encode(["vitamin d and infections"], task="search_query")
     torch.testing.assert_close(torch.nn.functional.normalize(raw, dim=-1), expected, atol=1e-5, rtol=0)
+
+
+def test_dropout_is_set_for_training_and_refused_where_the_model_has_none(tiny_bert, tmp_path):
+    from nomicbert.checkpoint import save_pretrained
+    from nomicbert.config import tiny
+    from nomicbert.model import NomicBertModel
+    from nomicbert.tokenizer import load_tokenizer
+
+    encoder = load_encoder(tiny_bert)
+    dropouts = [m for m in encoder.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and {m.p for m in dropouts} == {0.1}  # BERT's own
+    encoder.set_dropout(0.0)
+    assert {m.p for m in dropouts} == {0.0}
+    encoder.train()
+    torch.testing.assert_close(encoder.encode(TEXTS[:2]), encoder.encode(TEXTS[:2]), atol=0, rtol=0)  # deterministic
+    saved = json.loads((encoder.save(tmp_path / "saved") / "config.json").read_text())
+    assert saved["hidden_dropout_prob"] == 0.1  # the checkpoint's value; the rate is a training setting
+    with pytest.raises(ValueError, match="within"):
+        encoder.set_dropout(1.0)
+    nomic = load_encoder(save_pretrained(NomicBertModel(tiny()), tmp_path / "nomic", load_tokenizer()))
+    nomic.set_dropout(0.0)
+    with pytest.raises(ValueError, match="no dropout"):
+        nomic.set_dropout(0.1)
+
+
+def test_cpu_bf16_training_attention_matches_sdpa_and_exports_plain_sdpa(minilm_path, tmp_path):
+    """Under bf16 autocast in train mode the attention runs in fp32 (faster backward on CPU): the same embeddings and
+    gradients as the plain SDPA path, and the export names no private attention implementation."""
+    from transformers import AutoModel
+
+    from nomicbert.encoders import CPU_TRAINING_ATTENTION
+
+    ours = load_encoder(minilm_path)
+    assert ours.model.config._attn_implementation == CPU_TRAINING_ATTENTION
+    plain = AutoModel.from_pretrained(str(minilm_path), attn_implementation="sdpa")
+    reference = TransformersEncoder(plain, ours.tokenizer, ours.max_length, pooling="mean", normalize=True)
+    reference.model.set_attn_implementation("sdpa")  # undo the routing the constructor applies
+    ids = ours.tokenize(TEXTS)
+    results = []
+    for encoder in (ours, reference):
+        encoder.set_dropout(0.0)
+        encoder.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pooled = encoder(ids).float()
+        pooled.pow(2).sum().backward()
+        results.append((pooled.detach(), encoder.model.encoder.layer[0].attention.self.query.weight.grad))
+    (ours_out, ours_grad), (ref_out, ref_grad) = results
+    assert torch.nn.functional.cosine_similarity(ours_out, ref_out).min() > 0.999
+    assert torch.nn.functional.cosine_similarity(ours_grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
+    folder = ours.export(tmp_path / "export")
+    assert "_attn_implementation" not in json.loads((folder / "config.json").read_text())
+    torch.testing.assert_close(st_encode(folder, TEXTS), ours.encode(TEXTS), atol=1e-5, rtol=0)

@@ -55,6 +55,7 @@ class ContrastiveConfig:
     optim: OptimConfig
     run: RunSettings
     mlflow: MlflowSettings
+    dropout: float | None = None  # every dropout while training; None = the checkpoint's own (BERT 0.1, NomicBERT none)
 
     stage: ClassVar[str] = "contrastive"
 
@@ -68,6 +69,8 @@ class ContrastiveConfig:
             raise ValueError("grad_cache_chunk and num_negatives must be >= 0, logit_scale > 0")
         if self.epochs < 1 or self.max_steps < 0:
             raise ValueError("epochs must be >= 1 and max_steps >= 0")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be within [0, 1) or null (got {self.dropout})")
         self.validate_stage()
 
     def validate_stage(self) -> None:
@@ -114,6 +117,8 @@ def build_encoder(cfg: ContrastiveConfig) -> Encoder:
         encoder = load_encoder(source, recipe=recipe)
     if cfg.matryoshka_dims:
         check_dims(cfg.matryoshka_dims, cfg.matryoshka_weights, encoder.hidden_size)
+    if cfg.dropout is not None:
+        encoder.set_dropout(cfg.dropout)
     encoder.prompts = dict(TASK_PREFIXES)
     return encoder
 
