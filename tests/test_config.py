@@ -89,3 +89,14 @@ def test_every_shipped_yaml_config_loads():
             load_config(classes[stage], file)
         else:
             load_config(PipelineConfig, file)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("dropout=1.5", "dropout must be within [0, 1)"),
+    ("run.threads=-1", "run.threads must be >= 0"),
+])  # fmt: skip
+def test_training_dropout_and_threads_are_checked(override, message):
+    from workflows.finetune import FinetuneConfig
+
+    with pytest.raises((ConfigError, ValueError), match=message.replace("[", r"\[").replace(")", r"\)")):
+        load_config(FinetuneConfig, "workflows/configs/finetune_minilm.yaml", overrides=[override])

@@ -34,6 +34,8 @@ class Session:
         from ops.console import quiet_worker
 
         quiet_worker()  # the worker's console: warnings and progress lines; the rest to Ray Train's logs
+        if run.threads:  # Ray gives a worker one thread per reserved CPU; a CPU trainer beside 1-CPU data tasks
+            torch.set_num_threads(run.threads)  # reserves 1 and computes on every core
         ctx = ray.train.get_context()
         session = cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), None)
         if "://" not in run.storage_path:  # stage checkpoints beside the run, not in /tmp (num_workers=0 keeps them)

@@ -46,6 +46,7 @@ class RunSettings:
     max_failures: int  # Ray Train restarts from the last checkpoint this many times
     log_every: int  # steps between console lines and MLflow metrics
     seed: int
+    threads: int = 0  # torch CPU threads per worker; 0 = Ray's default (1 per reserved CPU). More uses idle cores
     # test-only switches (`workflows.chaos`): never in the user YAMLs, set by tests through overrides
     row_log: str | None = None  # folder for per-rank JSON lines of the row ids of every step (data audit)
     fault_step: int = 0  # chaos test: rank 0 SIGKILLs itself at this step of the first attempt; 0 = off
@@ -54,6 +55,8 @@ class RunSettings:
         for key in ("checkpoint_every", "log_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ValueError(f"run.{key} must be >= 1")
+        if self.threads < 0:
+            raise ValueError(f"run.threads must be >= 0 (got {self.threads})")
 
 
 @dataclass
