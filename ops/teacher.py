@@ -27,6 +27,7 @@ class TeacherConfig:
     max_length: int = 512
     batch_size: int = 128  # texts per forward pass
     fp16: bool = True  # on GPU only
+    cpu_bf16: bool = False  # on CPU: bf16 autocast (AVX-512 BF16 / AMX: ~3x fp32, embeddings cos >= 0.9999)
     actors: int = 1  # size of the embedding actor pool
     num_gpus: float = 0.0  # per actor (and for the search task); 0 on a CPU-only cluster
     num_cpus: float = 1.0  # per actor (what Ray reserves)
@@ -57,7 +58,7 @@ class TeacherEmbed:
 
     def __init__(self, model: str, columns: Sequence[str], max_length: int = 512, batch_size: int = 128,
                  fp16: bool = True, threads: int = 0, total_texts: int | None = None,
-                 embedding_cache: str | None = None) -> None:  # fmt: skip
+                 embedding_cache: str | None = None, cpu_bf16: bool = False) -> None:  # fmt: skip
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -70,6 +71,8 @@ class TeacherEmbed:
         half = fp16 and self.device == "cuda"
         if half:
             self.model.half()
+        self.autocast = cpu_bf16 and self.device == "cpu"
+        precision = "fp16" if half else "bf16" if self.autocast else "fp32"
         self.columns, self.batch_size = list(columns), batch_size
         # a line every 30 s from each actor (the total is known when one actor embeds a known number of texts)
         self.progress, self.done = Progress("teacher", total_texts, "texts embedded", logging.getLogger("ops")), 0
@@ -79,11 +82,15 @@ class TeacherEmbed:
             from ops.embedding_cache import EmbeddingCache, model_fingerprint
 
             self.cache = EmbeddingCache(embedding_cache, model_fingerprint(folder), self.model.max_seq_length,
-                                        f"{self.device}-{'fp16' if half else 'fp32'}")  # fmt: skip
+                                        f"{self.device}-{precision}")  # fmt: skip
 
     def raw(self, texts: list[str]) -> np.ndarray:
-        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=False, convert_to_numpy=True,
-                                 show_progress_bar=False).astype(np.float32)  # fmt: skip
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=False,
+                                    convert_to_tensor=True, show_progress_bar=False)  # fmt: skip
+        return out.float().cpu().numpy()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         raw = self.raw(texts) if self.cache is None else self.cache.embed(texts, self.raw)
@@ -114,7 +121,8 @@ def embed_dataset(ds, columns: Sequence[str], teacher: TeacherConfig, rows: int 
         TeacherEmbed, batch_size=max(teacher.batch_size, 64), batch_format="numpy",
         fn_constructor_kwargs={"model": teacher.model, "columns": list(columns), "max_length": teacher.max_length,
                                "batch_size": teacher.batch_size, "fp16": teacher.fp16, "threads": teacher.threads,
-                               "total_texts": total, "embedding_cache": teacher.embedding_cache},
+                               "total_texts": total, "embedding_cache": teacher.embedding_cache,
+                               "cpu_bf16": teacher.cpu_bf16},
         compute=ray.data.ActorPoolStrategy(size=teacher.actors), num_gpus=teacher.num_gpus or None,
         num_cpus=teacher.num_cpus)  # fmt: skip
 

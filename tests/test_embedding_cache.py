@@ -62,3 +62,21 @@ def test_cpu_bf16_evaluation_is_close_to_fp32_and_cached_apart(tmp_path, minilm_
     assert (fp32.precision, bf16.precision) == ("cpu-fp32", "cpu-bf16")  # another cache key, never a stale hit
     cosine = (fp32.encode(TEXTS[:2]) * bf16.encode(TEXTS[:2])).sum(-1)
     assert cosine.min() > 0.999
+
+
+def test_a_bf16_teacher_fills_the_bf16_evaluations_cache_only(tmp_path, minilm_path, monkeypatch):
+    """teacher.cpu_bf16 embeds under bf16 autocast and stores under the key the cpu_bf16 evaluation reads."""
+    teacher = TeacherEmbed(str(minilm_path), ["text"], max_length=128, batch_size=8, embedding_cache=str(tmp_path),
+                           cpu_bf16=True)  # fmt: skip
+    assert teacher.cache.settings["precision"] == "cpu-bf16"
+    bf16_rows = teacher.encode(TEXTS[:2]).astype(np.float32)
+    fp32_rows = TeacherEmbed(str(minilm_path), ["text"], max_length=128).encode(TEXTS[:2]).astype(np.float32)
+    assert (bf16_rows * fp32_rows).sum(-1).min() > 0.999 and not np.array_equal(bf16_rows, fp32_rows)
+    for cpu_bf16, expected in ((True, []), (False, [TEXTS[:2]])):
+        encoder = load_encoder(ModelSpec(str(minilm_path), max_length=128, cpu_bf16=cpu_bf16))
+        encoder.embedding_cache = str(tmp_path)
+        computed = []
+        original = encoder._raw
+        monkeypatch.setattr(encoder, "_raw", lambda texts, task: (computed.append(list(texts)), original(texts, task))[1])
+        encoder.raw(TEXTS[:2])
+        assert computed == expected
