@@ -91,6 +91,7 @@ def test_search_over_corpus_shards_merges_to_the_whole_corpus_search_ties_includ
         part = shard_top(queries, corpus[lo:hi], np.arange(lo, hi), 10, device="cpu")
         merged = part if merged is None else merge_top(merged, part, 10)
     assert (merged[1] == expected).all()
-    assert np.array_equal(merged[0], np.take_along_axis(scores, expected, 1))
+    # torch's and numpy's matmul may round the last bit differently (BLAS kernels differ between CPUs)
+    np.testing.assert_allclose(merged[0], np.take_along_axis(scores, expected, 1), rtol=1e-6)
     whole = shard_top(queries, corpus, np.arange(50), 10, device="cpu")
     assert (whole[1] == expected).all() and shard_top(queries, corpus[:3], np.arange(3), 10)[1].shape == (9, 3)
