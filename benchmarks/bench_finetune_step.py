@@ -77,7 +77,8 @@ def pair_batches(batch: int, steps: int, seed: int = 0) -> list[list[list[str]]]
     return [[rows[i] for i in rng.choice(len(rows), batch, replace=False)] for _ in range(steps)]
 
 
-def set_dropout(model: torch.nn.Module, rate: float | None) -> None:
+def set_peer_dropout(model: torch.nn.Module, rate: float | None) -> None:
+    """The peer's modules at ``rate``, as `Encoder.set_dropout` sets ours."""
     for module in model.modules():
         if rate is not None and isinstance(module, torch.nn.Dropout):
             module.p = rate
@@ -113,7 +114,7 @@ def peer(folder: str, batches: list[list[list[str]]], chunk: int, max_length: in
 
     model = SentenceTransformer(folder, device="cpu" if not torch.cuda.is_available() else "cuda")
     model.max_seq_length = max_length
-    set_dropout(model, dropout)
+    set_peer_dropout(model, dropout)
     rows = [r for b in batches for r in b]
     columns = ["anchor", "positive", *[f"negative_{i}" for i in range(1, len(rows[0]) - 1)]]
     dataset = Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(columns)})
@@ -134,7 +135,8 @@ def compare(name: str, make_encoder, folder: str, batches, chunk: int, max_lengt
     best_ours, best_peer, tokens = float("inf"), float("inf"), 0
     for repeat in range(repeats):  # alternate, so both see the same contention
         encoder = make_encoder()
-        set_dropout(encoder.model, dropout)
+        if dropout is not None:
+            encoder.set_dropout(dropout)
         seconds, tokens = ours(encoder, batches, chunk, max_length, precision)
         peer_seconds = peer(folder, batches, chunk, max_length, precision, dropout)
         print(f"# {name}, repeat {repeat + 1}: ours {seconds:.1f} s, peer {peer_seconds:.1f} s", flush=True)

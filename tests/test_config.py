@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,5 +99,5 @@ def test_every_shipped_yaml_config_loads():
 def test_training_dropout_and_threads_are_checked(override, message):
     from workflows.finetune import FinetuneConfig
 
-    with pytest.raises((ConfigError, ValueError), match=message.replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises((ConfigError, ValueError), match=re.escape(message)):
         load_config(FinetuneConfig, "workflows/configs/finetune_minilm.yaml", overrides=[override])
