@@ -101,3 +101,43 @@ def test_training_dropout_and_threads_are_checked(override, message):
 
     with pytest.raises((ConfigError, ValueError), match=re.escape(message)):
         load_config(FinetuneConfig, "workflows/configs/finetune_minilm.yaml", overrides=[override])
+
+
+def adapt_pipeline(stage: str, init_from: str) -> dict:
+    from ops.config import read_yaml
+
+    raw = read_yaml("workflows/configs/adapt_minilm.yaml")
+    raw["stages"][stage]["init_from"] = init_from
+    return raw
+
+
+@pytest.mark.parametrize(("stage", "init_from", "message"), [
+    ("matryoshka", "st_baseline", "stage matryoshka: init_from 'st_baseline' is not an enabled trainer that runs "
+                                  "before it (those are ['finetune'])"),
+    ("finetune", "matryoshka", "stage finetune: init_from 'matryoshka' is not an enabled trainer that runs before "
+                               "it (those are [])"),
+    ("evaluate", "finetune", "stage evaluate: init_from is for the trainers that start from a model"),
+])  # fmt: skip
+def test_pipeline_init_from_must_name_an_earlier_trainer(stage, init_from, message):
+    from workflows.pipeline import PipelineConfig, validate
+
+    config = load_config(PipelineConfig, raw=adapt_pipeline(stage, init_from))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(config)
+
+
+def test_pipeline_init_from_wires_the_earlier_trainers_model_and_lineage():
+    """Matryoshka after the fine-tune: its init checkpoint is the fine-tuned model, and the fine-tune's fingerprint
+    is among its inputs (a changed fine-tune re-runs it); without ``init_from`` it starts where its YAML says."""
+    from workflows.pipeline import STAGES, PipelineConfig, stage_config, stage_inputs, validate
+
+    matryoshka = next(stage for stage in STAGES if stage.name == "matryoshka")
+    done = {"mine_negatives": {"output": "/out/mine_negatives"}, "finetune": {"model": "/out/finetune/model"}}
+    chained = load_config(PipelineConfig, raw=adapt_pipeline("matryoshka", "finetune"))
+    validate(chained)
+    ref = chained.stages["matryoshka"]
+    assert stage_config(matryoshka, ref, "/out", done).init_checkpoint == "/out/finetune/model"
+    assert "finetune" in stage_inputs(matryoshka, ref)
+    plain = load_config(PipelineConfig, raw=adapt_pipeline("matryoshka", None)).stages["matryoshka"]
+    assert stage_config(matryoshka, plain, "/out", done).init_checkpoint == "outputs/finetune_minilm"  # its YAML
+    assert "finetune" not in stage_inputs(matryoshka, plain)

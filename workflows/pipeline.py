@@ -3,8 +3,9 @@
     python -m workflows.pipeline --config workflows/configs/demo.yaml [--verbose]  # make demo: local Ray + sqlite
     ray job submit --working-dir . -- python -m workflows.pipeline --config workflows/configs/pipeline_8gpu.yaml
 
-mlm_data -> mlm -> pair_data -> contrastive -> mine_negatives -> finetune, matryoshka -> evaluate. Every stage
-reads its own YAML (``stages.<name>.config`` + ``overrides``); the pipeline only wires folders under one
+mlm_data -> mlm -> pair_data -> contrastive -> mine_negatives -> finetune, matryoshka -> evaluate (a trainer may
+start from another earlier trainer's model instead: ``init_from``). Every stage reads its own YAML
+(``stages.<name>.config`` + ``overrides``); the pipeline only wires folders under one
 ``storage`` root (a local folder, a shared mount, or ``s3://`` / ``gs://``, all through pyarrow filesystems): each
 stage writes ``<storage>/<stage>``, Ray Train keeps checkpoints in ``<storage>/ray_results``, and the pipeline its
 state in ``<storage>/pipeline_state.json``. A stage whose fingerprint (its config + the fingerprints of
@@ -51,6 +52,7 @@ class StageRef:
     config: str  # the stage's YAML (relative to the working directory)
     overrides: list[str] = field(default_factory=list)  # key=value on top of it
     enabled: bool = True
+    init_from: str | None = None  # a trainer: start from this earlier trainer's model instead of the recipe's
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Stage:
     reads: tuple[str, ...]  # upstream stages whose outputs this one consumes
     wire: Callable[[dict[str, Any], str, dict[str, dict[str, Any]]], dict[str, Any]]
     optional: tuple[str, ...] = ()  # upstream stages used when enabled; else the stage's own config says where
+    init_stage: str | None = None  # a trainer: whose model it starts from when that stage runs (the recipe's chain)
 
 
 def _output(name: str) -> Callable:
@@ -88,15 +91,13 @@ def _output(name: str) -> Callable:
     return wire
 
 
-def _wire_trainer(name: str, data_stage: str, init_stage: str | None) -> Callable:
-    """Input data and init checkpoint from upstream (without the upstream stage, e.g. adapting a published
-    model, the stage's own ``init_checkpoint``); Ray Train state under the pipeline's folder with a stable
-    run name, so a restarted pipeline resumes a half-finished trainer from its last checkpoint."""
+def _wire_trainer(name: str, data_stage: str) -> Callable:
+    """Input data from upstream; Ray Train state under the pipeline's folder with a stable run name, so a
+    restarted pipeline resumes a half-finished trainer from its last checkpoint. (The init checkpoint is wired by
+    `stage_config`.)"""
 
     def wire(raw: dict[str, Any], out: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
         raw = {**raw, "data": done[data_stage]["output"], "output_dir": io.join(out, name, "model")}
-        if init_stage in done:
-            raw["init_checkpoint"] = done[init_stage]["model"]
         raw["run"] = {**raw.get("run", {}), "storage_path": io.join(out, "ray_results"), "name": name}
         return raw
 
@@ -155,21 +156,22 @@ def trained_models(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]
 
 STAGES = (
     Stage("mlm_data", "ops.mlm_data", "MlmDataConfig", (), _output("mlm_data")),
-    Stage("mlm", "workflows.mlm", "MLMConfig", ("mlm_data",), _wire_trainer("mlm", "mlm_data", None)),
+    Stage("mlm", "workflows.mlm", "MLMConfig", ("mlm_data",), _wire_trainer("mlm", "mlm_data")),
     Stage("pair_data", "ops.pair_data", "PairDataConfig", (), _output("pair_data")),
     Stage("contrastive", "workflows.contrastive", "ContrastiveConfig", ("pair_data", "mlm"),
-          _wire_trainer("contrastive", "pair_data", "mlm")),
+          _wire_trainer("contrastive", "pair_data"), init_stage="mlm"),
     Stage("beir_split", "evaluation.beir_split", "BeirSplitConfig", (), _output("beir_split")),
     Stage("mine_negatives", "ops.mine_negatives", "MineNegativesConfig", (), _wire_mining, ("beir_split",)),
     Stage("finetune", "workflows.finetune", "FinetuneConfig", ("mine_negatives",),
-          _wire_trainer("finetune", "mine_negatives", "contrastive"), ("contrastive",)),
+          _wire_trainer("finetune", "mine_negatives"), ("contrastive",), init_stage="contrastive"),
     Stage("matryoshka", "workflows.matryoshka", "MatryoshkaConfig", ("mine_negatives",),
-          _wire_trainer("matryoshka", "mine_negatives", "contrastive"), ("contrastive",)),
+          _wire_trainer("matryoshka", "mine_negatives"), ("contrastive",), init_stage="contrastive"),
     Stage("st_baseline", "workflows.st_baseline", "StBaselineConfig", ("beir_split",), _wire_baseline),
     Stage("evaluate", "workflows.evaluate", "EvaluateConfig", (),
           _wire_evaluate, ("mlm", "contrastive", "finetune", "matryoshka", "beir_split", "st_baseline")),
 )  # fmt: skip
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+TRAINERS = ("mlm", "contrastive", "finetune", "matryoshka")  # the stages that export a model another starts from
 
 
 class StageFailed(RuntimeError):
@@ -190,6 +192,21 @@ def validate(config: PipelineConfig) -> None:
         missing = [r for r in stage.reads if r not in enabled]
         if missing:
             raise ConfigError(f"pipeline: stage {stage.name} reads {missing}, which are not enabled")
+        init_from = config.stages[stage.name].init_from
+        if init_from is not None:
+            earlier = [s.name for s in STAGES[:STAGES.index(stage)] if s.name in TRAINERS and s.name in enabled]
+            if stage.name not in TRAINERS or stage.name == "mlm":
+                raise ConfigError(f"pipeline: stage {stage.name}: init_from is for the trainers that start from a "
+                                  f"model ({', '.join(t for t in TRAINERS if t != 'mlm')})")  # fmt: skip
+            if init_from not in earlier:
+                raise ConfigError(f"pipeline: stage {stage.name}: init_from {init_from!r} is not an enabled "
+                                  f"trainer that runs before it (those are {earlier})")  # fmt: skip
+
+
+def stage_inputs(stage: Stage, ref: StageRef) -> tuple[str, ...]:
+    """The upstream stages whose fingerprints and lineage this stage carries: what it reads, what it may read,
+    and the trainer it starts from."""
+    return stage.reads + stage.optional + ((ref.init_from,) if ref.init_from else ())
 
 
 def stage_config(stage: Stage, ref: StageRef, out: str, done: dict[str, dict[str, Any]]) -> Any:
@@ -197,6 +214,9 @@ def stage_config(stage: Stage, ref: StageRef, out: str, done: dict[str, dict[str
     module = importlib.import_module(stage.module)
     raw = apply_overrides(read_yaml(ref.config), ref.overrides)
     raw = stage.wire(raw, out, done)
+    start = ref.init_from or stage.init_stage
+    if start in done:  # else (adapting a published model, say) the stage's own ``init_checkpoint``
+        raw["init_checkpoint"] = done[start]["model"]
     return from_dict(getattr(module, stage.config_class), raw, where=f"{ref.config} (stage {stage.name})")
 
 
@@ -279,15 +299,16 @@ def run(config: PipelineConfig) -> dict[str, Any]:
             mlflow.log_params({f"pipeline.{k}": str(v)[:500] for k, v in flatten(config).items()})
             state["params_logged"] = True
         for number, stage in enumerate(stages, 1):
-            stage_cfg = stage_config(stage, config.stages[stage.name], out, done)
-            upstream_fingerprints = {r: fingerprints.get(r) for r in stage.reads + stage.optional
+            ref = config.stages[stage.name]
+            stage_cfg = stage_config(stage, ref, out, done)
+            upstream_fingerprints = {r: fingerprints.get(r) for r in stage_inputs(stage, ref)
                                      if r in fingerprints or r in stage.reads}  # fmt: skip
             fingerprints[stage.name] = fingerprint({"config": dataclasses.asdict(stage_cfg),
                                                     "upstream": upstream_fingerprints})  # fmt: skip
             if hasattr(stage_cfg, "run") and hasattr(stage_cfg.run, "name"):
                 # same config after a crash: Ray Train resumes this run; a changed config starts a fresh one
                 stage_cfg.run.name = f"{stage.name}-{fingerprints[stage.name]}"
-            upstream = lineage.data_of([done[r]["lineage"] for r in stage.reads + stage.optional if r in done])
+            upstream = lineage.data_of([done[r]["lineage"] for r in stage_inputs(stage, ref) if r in done])
             start = getattr(stage_cfg, "init_checkpoint", None) or getattr(stage_cfg, "model", None)
             if isinstance(start, str):  # a trainer: the checkpoint (or the preset) it starts from
                 upstream.update(lineage.started_from(start, trained_models(done)))
