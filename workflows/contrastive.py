@@ -13,6 +13,7 @@ run this same loop with hard negatives and the Matryoshka loss.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,11 +289,22 @@ def build_dataset(cfg: ContrastiveConfig) -> tuple[PrefixedPairs, ingest.Schedul
     return epochs, schedule
 
 
+def importable_module(cls: type) -> str:
+    """The module a Ray worker imports ``cls`` from: under ``python -m workflows.finetune`` the class lives in
+    ``__main__`` here, which a worker cannot import, so the name the interpreter ran it under is used instead."""
+    if cls.__module__ != "__main__":
+        return cls.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is None:
+        raise ValueError(f"{cls.__name__} is defined in a script run by path; run it as `python -m <module>`")
+    return spec.name
+
+
 def run(config: ContrastiveConfig) -> dict[str, Any]:
     """Train and export; returns {"model": output folder, "checkpoint", "steps", "metrics", "mlflow_run_id"}."""
     ingest.ray_data_setup()
     epochs, schedule = build_dataset(config)
-    loop = {"module": type(config).__module__, "config_class": type(config).__name__}
+    loop = {"module": importable_module(type(config)), "config_class": type(config).__name__}
     return launch.fit(config.stage, config, train_loop_per_worker, epochs, schedule, kind="encoder",
                       extra_loop_config=loop)  # fmt: skip
 
