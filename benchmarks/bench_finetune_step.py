@@ -79,8 +79,10 @@ def pair_batches(batch: int, steps: int, seed: int = 0) -> list[list[list[str]]]
 
 def set_peer_dropout(model: torch.nn.Module, rate: float | None) -> None:
     """The peer's modules at ``rate``, as `Encoder.set_dropout` sets ours."""
+    if rate is None:
+        return
     for module in model.modules():
-        if rate is not None and isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.Dropout):
             module.p = rate
 
 

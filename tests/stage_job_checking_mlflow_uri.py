@@ -1,6 +1,7 @@
 """A Ray job's entry point for tests/test_cluster_jobs.py: `python -m workflows.finetune` as a user runs it (so its
-config class lives in ``__main__``, which the Ray Train worker cannot import), with its Ray Train loop wrapped by a check that runs in each worker process: the worker's MLFLOW_TRACKING_URI is the server the job's
-runtime env named (passed here as the first argument, independently of any environment).
+config class lives in ``__main__``, which the Ray Train worker cannot import), with its Ray Train loop wrapped by a
+check that runs in each worker process: the worker's MLFLOW_TRACKING_URI is the server the job's runtime env named
+(passed here as the first argument, independently of any environment).
 
     python tests/stage_job_checking_mlflow_uri.py http://127.0.0.1:5000 finetune.yaml
 """

@@ -194,10 +194,10 @@ def validate(config: PipelineConfig) -> None:
             raise ConfigError(f"pipeline: stage {stage.name} reads {missing}, which are not enabled")
         init_from = config.stages[stage.name].init_from
         if init_from is not None:
-            earlier = [s.name for s in STAGES[:STAGES.index(stage)] if s.name in TRAINERS and s.name in enabled]
-            if stage.name not in TRAINERS or stage.name == "mlm":
+            if stage.init_stage is None:
                 raise ConfigError(f"pipeline: stage {stage.name}: init_from is for the trainers that start from a "
-                                  f"model ({', '.join(t for t in TRAINERS if t != 'mlm')})")  # fmt: skip
+                                  f"model ({', '.join(s.name for s in STAGES if s.init_stage)})")  # fmt: skip
+            earlier = [s.name for s in STAGES[:STAGES.index(stage)] if s.name in TRAINERS and s.name in enabled]
             if init_from not in earlier:
                 raise ConfigError(f"pipeline: stage {stage.name}: init_from {init_from!r} is not an enabled "
                                   f"trainer that runs before it (those are {earlier})")  # fmt: skip
